@@ -1,0 +1,51 @@
+"""One error hierarchy for the package.
+
+Every failure a user can fix (a bad file, a wrong key, a quantizer that saw no data)
+raises a subclass of :class:`PTQError` whose message names the file, key, quantizer or
+batch. The CLI turns these into one line and a distinct exit code; the flow marks them as
+not retryable, because retrying cannot fix the input.
+"""
+
+from __future__ import annotations
+
+
+class PTQError(Exception):
+    """Base class: a failure caused by the inputs, not by the machine."""
+
+    exit_code = 2
+
+
+class ConfigError(PTQError):
+    """Unknown config name, unreadable config file, or an invalid parameter."""
+
+    exit_code = 3
+
+
+class CheckpointError(PTQError):
+    """Checkpoint file missing, unreadable, or not matching the model's keys and shapes."""
+
+    exit_code = 4
+
+
+class DatasetError(PTQError):
+    """Missing or malformed calibration data: a file, a field, a size, non-finite values."""
+
+    exit_code = 5
+
+
+class CalibrationError(PTQError):
+    """Calibration produced no usable scale: non-finite activations, or a quantizer never fed."""
+
+    exit_code = 6
+
+
+class QuantizationRuleError(PTQError):
+    """A declared quantization rule does not fit the model (unmatched path or module type)."""
+
+    exit_code = 7
+
+
+class PublishError(PTQError):
+    """Publishing or fetching artifacts failed verification or could not complete."""
+
+    exit_code = 8

@@ -1,0 +1,51 @@
+"""The PTQ job's parameters: one typed model for the CLI, the Prefect UI form and deployments."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bevfusion_ptq.quant.rules import DEFAULT_EXCLUDE
+
+
+class PTQParams(BaseModel):
+    """Everything that decides what a PTQ run produces (plus where it goes).
+
+    Field names are the CLI options with ``_`` for ``-`` (``calib_batches`` is
+    ``--calib-batches``); descriptions are the help texts and the UI form's labels.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str = Field(
+        "bevfusion-tiny",
+        description="model config: a shipped name (bevfusion-r50, bevfusion-tiny) or a path to an OpenMMLab .py config",
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="checkpoint file (mmcv dict or bare state dict); default: a random-weight "
+        "checkpoint in the reference layout, written once under the state directory",
+    )
+    data_root: str | None = Field(
+        None,
+        description="nuScenes root holding samples/, sweeps/ and the info .pkl; default: a generated nuScenes-format tree",
+    )
+    calib_batches: int = Field(8, ge=1, le=100_000, description="number of calibration batches (batch size 1)")
+    calib_sampling: Literal["spread", "shuffle"] = Field(
+        "spread", description="spread: keyframes evenly across scenes; shuffle: the reference's shuffled order"
+    )
+    calib_pipeline: Literal["test", "train-aug"] = Field(
+        "test", description="test: deterministic test-time transform; train-aug: the reference's seeded augmentations"
+    )
+    calib_method: Literal["mse", "percentile", "entropy", "max"] = Field(
+        "mse", description="how activation amax is chosen from the histograms"
+    )
+    percentile: float = Field(99.99, gt=0, le=100, description="percentile for --calib-method percentile")
+    exclude: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EXCLUDE),
+        description="module path patterns whose quantizers are disabled after calibration (repeatable)",
+    )
+    output: str = Field("./artifacts", description="output root directory")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="calibration device; auto picks cuda when available")
+    seed: int = Field(0, ge=0, description="seed for generated data, random checkpoints and sampling")

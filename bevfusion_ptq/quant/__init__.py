@@ -1,0 +1,1 @@
+"""Quantization: declared rules, quantized modules, BN fusion, calibration."""

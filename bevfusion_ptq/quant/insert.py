@@ -1,0 +1,106 @@
+"""Apply a :class:`~bevfusion_ptq.quant.rules.RuleSet` to a model, in place."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from bevfusion_ptq.errors import QuantizationRuleError
+from bevfusion_ptq.quant.modules import is_quantized
+from bevfusion_ptq.quant.rules import Quant, Rule, RuleSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannedModule:
+    """One module the rules replaced: where, by which rule, with which descriptors."""
+
+    path: str
+    rule: str
+    float_type: str
+    quant_type: str
+    input: Quant
+    weight: Quant
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """What :func:`insert_quantizers` did; the input to review before spending GPU time."""
+
+    rule_set: str
+    modules: tuple[PlannedModule, ...]
+    exclude: tuple[str, ...]
+
+
+def matches(path: str, patterns: tuple[str, ...]) -> bool:
+    """Glob match of a module path against any pattern; a pattern also covers its subtree."""
+    return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
+
+
+def _rule_for(path: str, module: nn.Module, rules: tuple[Rule, ...]) -> Rule | None:
+    for rule in rules:
+        if type(module) in rule.types and matches(path, rule.paths):
+            return rule
+    return None
+
+
+def insert_quantizers(model: nn.Module, rules: RuleSet) -> QuantPlan:
+    """Swap every module a rule matches for its quantized class, in one walk of the model.
+
+    Raises :class:`QuantizationRuleError` naming each required rule that matched nothing, so a
+    model the rules were not written for (another backbone, a camera-only model) fails with
+    the rule's name instead of an AttributeError deep inside a forward.
+    """
+    planned: list[PlannedModule] = []
+    used: set[str] = set()
+    # Materialise first: we mutate the tree while walking it.
+    for path, module in list(model.named_modules()):
+        if not path or is_quantized(module) or matches(path, rules.keep_float):
+            continue
+        rule = _rule_for(path, module, rules.rules)
+        if rule is None:
+            continue
+        quant = rule.quantize(module, rule.input.descriptor(), rule.weight.descriptor())
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, quant)
+        used.add(rule.name)
+        planned.append(
+            PlannedModule(path, rule.name, type(module).__name__, type(quant).__name__, rule.input, rule.weight)
+        )
+    unmatched = [r.name for r in rules.rules if r.required and r.name not in used]
+    if unmatched:
+        raise QuantizationRuleError(
+            f"rule set {rules.name!r}: rule(s) {', '.join(unmatched)} matched no module of "
+            f"{type(model).__name__}; the rules do not fit this model"
+        )
+    log.info("inserted quantizers into %d modules (rule set %s)", len(planned), rules.name)
+    return QuantPlan(rules.name, tuple(planned), rules.exclude)
+
+
+def apply_exclusions(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Disable every quantizer inside modules matching ``patterns``; returns the disabled paths.
+
+    A pattern that matches no quantized module is logged: it usually means a typo in a
+    user's ``--exclude``.
+    """
+    from pytorch_quantization.nn import TensorQuantizer
+
+    disabled: list[str] = []
+    for pattern in patterns:
+        hit = False
+        for path, module in model.named_modules():
+            if isinstance(module, TensorQuantizer) and matches(path.rpartition(".")[0], (pattern,)):
+                module.disable()
+                disabled.append(path)
+                hit = True
+        if not hit:
+            log.warning("exclusion %r matches no quantized module", pattern)
+    return disabled

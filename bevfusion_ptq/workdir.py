@@ -1,0 +1,69 @@
+"""Content-addressed work directory: where stages leave their outputs for the next stage.
+
+Stages hand each other small :class:`StageRef` descriptors (a path, its sha256, and what it
+was made from), never models: an orchestrator may serialise what passes between stages, and
+a BEVFusion-R50 is hundreds of MB. The directory of a stage output is named by the hash of
+everything that made it, so the same inputs always land in the same place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from bevfusion_ptq import __version__
+from bevfusion_ptq.errors import PTQError
+from bevfusion_ptq.hashing import data_sha256, file_sha256
+
+
+def state_dir() -> Path:
+    """Project-local state (work files, generated data, random checkpoints, Prefect home).
+
+    ``BEVFUSION_PTQ_HOME`` moves it; the default keeps everything beside the project so a run
+    never writes into a user's global locations unasked.
+    """
+    return Path(os.environ.get("BEVFUSION_PTQ_HOME", ".bevfusion-ptq")).resolve()
+
+
+class StageRef(BaseModel):
+    """A stage output on disk, identified by the hash of its inputs."""
+
+    stage: str
+    key: str
+    path: str
+    sha256: str
+    made_from: dict[str, Any]
+
+
+def stage_key(stage: str, **parts: Any) -> str:
+    """Hash of a stage's inputs, its name and the package version."""
+    return data_sha256({"stage": stage, "package": __version__, **parts})
+
+
+def save_model(model: nn.Module, stage: str, key: str, made_from: dict[str, Any], root: Path | None = None) -> StageRef:
+    """Pickle ``model`` (CPU copy) to ``<root>/work/<stage>/<key>/model.pt``, atomically."""
+    folder = (root or state_dir()) / "work" / stage / key
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.pt"
+    tmp = folder / f".model.pt.{os.getpid()}"
+    torch.save(model, tmp)
+    tmp.replace(target)
+    return StageRef(stage=stage, key=key, path=str(target), sha256=file_sha256(target), made_from=made_from)
+
+
+def load_model(ref: StageRef) -> nn.Module:
+    """Load a stage's model back, refusing a file that changed since the stage wrote it.
+
+    The file is our own work file, so full unpickling is safe here (unlike user checkpoints).
+    """
+    path = Path(ref.path)
+    if not path.is_file():
+        raise PTQError(f"work file of stage {ref.stage} is missing: {path}")
+    if file_sha256(path) != ref.sha256:
+        raise PTQError(f"work file of stage {ref.stage} changed since it was written: {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over bevfusion_ptq library functions."""
