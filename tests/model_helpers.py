@@ -88,7 +88,10 @@ def synthetic_batch(
         "lidar2ego": rep(torch.eye(4)),
         "img_aug_matrix": rep(aug),
         "lidar_aug_matrix": rep(torch.eye(4)),
-        "metas": [{"token": f"synthetic-{seed}-{b}", "scene_token": "synthetic", "timestamp": 0} for b in range(batch_size)],
+        "metas": [
+            {"token": f"synthetic-{seed}-{b}", "scene_token": "synthetic", "timestamp": 0}
+            for b in range(batch_size)
+        ],
     }
 
 

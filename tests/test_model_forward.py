@@ -151,7 +151,9 @@ def test_camera_bev_orientation(tiny_cfg, yaw: float, axis: str, positive: bool)
     """One camera's frustum lands on its side of the ego, in the same [X, Y] layout."""
     vt = MODELS.build(tiny_cfg.model.encoders.camera.vtransform).eval()
     batch = synthetic_batch(tiny_cfg, yaws_deg=[yaw], num_points=10)
-    geom = vt.get_geometry(batch["camera2lidar"], batch["camera_intrinsics"], batch["img_aug_matrix"], batch["lidar_aug_matrix"])
+    geom = vt.get_geometry(
+        batch["camera2lidar"], batch["camera_intrinsics"], batch["img_aug_matrix"], batch["lidar_aug_matrix"]
+    )
     d, fh, fw = vt.frustum.shape[:3]
     feats = torch.ones(1, 1, d, fh, fw, 1)
     bev = vt.splat(geom, feats)[0, 0]  # [X, Y] before the downsample
@@ -241,3 +243,20 @@ def test_head_decodes_rows_as_x(tiny_cfg) -> None:
     cell = 8 * 0.45
     assert int(boxes["label"][0]) == 2
     torch.testing.assert_close(boxes["center"][0, :2], torch.tensor([20.5 * cell - 54.0, 5.5 * cell - 54.0]))
+
+
+def test_whole_model_pickles(tiny_cfg, tiny_model, tmp_path) -> None:
+    """The pipeline hands whole models between stages with torch.save / torch.load."""
+    path = tmp_path / "model.pt"
+    voxelize = tiny_model.encoders.lidar.voxelize
+    batch = synthetic_batch(tiny_cfg, num_points=3000, seed=9)
+    with torch.no_grad():
+        voxelize.backend = "spconv"
+        before = tiny_model.extract_features(batch)  # fills the spconv generator cache
+        torch.save(tiny_model, path)
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        assert loaded.encoders.lidar.voxelize._point_to_voxel == {}  # device-bound cache dropped
+        after = loaded.extract_features(batch)
+        voxelize.backend = "auto"
+    for key in before:
+        torch.testing.assert_close(after[key], before[key])

@@ -323,7 +323,9 @@ def _randomize_norm_stats(model: nn.Module, generator: torch.Generator) -> None:
                     module.num_batches_tracked.fill_(1000)
 
 
-def to_reference_layout(state: Mapping[str, Tensor], expected_shapes: Mapping[str, tuple[int, ...]]) -> "OrderedDict[str, Tensor]":
+def to_reference_layout(
+    state: Mapping[str, Tensor], expected_shapes: Mapping[str, tuple[int, ...]]
+) -> "OrderedDict[str, Tensor]":
     """Model state (spconv 2) -> reference layout: sparse weights as ``[k0, k1, k2, Cin, Cout]``."""
     out: OrderedDict[str, Tensor] = OrderedDict()
     for key, value in state.items():

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from mmcv.ops import get_compiling_cuda_version, voxelization
+from mmcv.ops import voxelization
 from mmdet3d.models.layers import make_sparse_convmodule
 from mmdet3d.models.layers.spconv import IS_SPCONV2_AVAILABLE
 from mmdet3d.models.middle_encoders import SparseEncoder
@@ -33,19 +33,13 @@ else:  # pragma: no cover - mmcv's spconv 1.x port, CUDA only
 VOXEL_BACKENDS = ("auto", "mmcv", "spconv")
 
 
-def _mmcv_has_cuda_ops() -> bool:
-    """mmcv built without nvcc has CPU-only ops; its CUDA calls would fail at run time."""
-    return get_compiling_cuda_version() not in ("not available", "")
-
-
 @MODELS.register_module()
 class HardVoxelize(nn.Module):
     """Hard voxelization (at most ``max_num_points`` per voxel), features averaged.
 
     Uses an existing compiled op: mmcv's ``voxelization`` (CPU and CUDA), or spconv's
     ``PointToVoxel`` (CPU and CUDA), which gives identical voxels. ``backend="auto"``
-    takes mmcv unless the points are on a GPU and this mmcv build has no CUDA ops (an
-    mmcv compiled without nvcc), then spconv. Holds no parameters, so it adds no
+    takes mmcv on the CPU and spconv on CUDA. Holds no parameters, so it adds no
     state-dict keys.
 
     Args:
@@ -83,11 +77,23 @@ class HardVoxelize(nn.Module):
         extent = [hi - lo for lo, hi in zip(self.point_cloud_range[:3], self.point_cloud_range[3:])]
         self.grid_size = [int(round(e / v)) for e, v in zip(extent, self.voxel_size)]
 
+    def __getstate__(self) -> dict:
+        """Pickle without the cached spconv generators (device-bound C++ state); they are
+        rebuilt on first use. The pipeline pickles whole models between stages."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_point_to_voxel"] = {}
+        return state
+
     def backend_for(self, device: torch.device) -> str:
         """The backend that will voxelize points on ``device``."""
         if self.backend != "auto":
             return self.backend
-        if device.type == "cuda" and not _mmcv_has_cuda_ops() and PointToVoxel is not None:
+        # On CUDA take spconv: it is there whenever the sparse backbone runs, while mmcv's
+        # CUDA ops depend on how mmcv was built, and probing that (mmcv.ops
+        # get_compiling_cuda_version) crashed the process on the H200 with mmcv 2.1.0 built
+        # against CUDA 13.
+        if device.type == "cuda" and PointToVoxel is not None:
             return "spconv"
         return "mmcv"
 

@@ -1,0 +1,81 @@
+"""The CLI commands as a user runs them: real files, real processes, exit codes and messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from bevfusion_ptq.params import PTQParams
+
+
+def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def test_make_then_inspect_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpts" / "tiny.pth"
+    made = _cli("make-checkpoint", str(ckpt), "--config", "bevfusion-tiny", "--seed", "3", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    raw = torch.load(ckpt, weights_only=True)
+    assert set(raw) >= {"state_dict", "meta"}
+
+    inspected = _cli("inspect-checkpoint", str(ckpt), "--config", "bevfusion-tiny", cwd=tmp_path)
+    assert inspected.returncode == 0, inspected.stderr[-3000:]
+    assert f"num_keys: {len(raw['state_dict'])}" in inspected.stdout
+    assert "sparse_layout: spconv1" in inspected.stdout
+
+
+def test_inspect_checkpoint_mismatch_exits_nonzero_with_the_key_error(tmp_path):
+    ckpt = tmp_path / "tiny.pth"
+    assert _cli("make-checkpoint", str(ckpt), "--config", "bevfusion-tiny", cwd=tmp_path).returncode == 0
+    raw = torch.load(ckpt, weights_only=True)
+    del raw["state_dict"]["fuser.0.weight"]
+    raw["state_dict"]["bogus.weight"] = torch.zeros(1)
+    torch.save(raw, ckpt)
+    proc = _cli("inspect-checkpoint", str(ckpt), "--config", "bevfusion-tiny", cwd=tmp_path)
+    assert proc.returncode == 4  # CheckpointError
+    assert "fuser.0.weight" in proc.stderr and "bogus.weight" in proc.stderr
+
+
+def test_inspect_checkpoint_unknown_config_lists_valid_names(tmp_path):
+    proc = _cli("inspect-checkpoint", str(tmp_path / "x.pth"), "--config", "bevfusion-swin", cwd=tmp_path)
+    assert proc.returncode == 3  # ConfigError
+    assert "bevfusion-r50" in proc.stderr and "bevfusion-tiny" in proc.stderr
+
+
+def test_make_dataset_writes_a_tree_the_flow_can_use(tmp_path):
+    root = tmp_path / "nuscenes"
+    proc = _cli("make-dataset", str(root), "--scenes", "2", "--frames", "3", "--seed", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (root / "nuscenes_infos_train.pkl").is_file()
+    assert len(list((root / "samples" / "CAM_FRONT").glob("*.jpg"))) == 6
+    assert list((root / "sweeps" / "LIDAR_TOP").glob("*.pcd.bin"))
+
+    # --data-root with fewer keyframes than batches fails before any model work.
+    proc = _cli("run", "--data-root", str(root), "--calib-batches", "5", "--output", str(tmp_path / "out"),
+                cwd=tmp_path)
+    assert proc.returncode == 5, proc.stderr[-3000:]  # DatasetError
+    assert "only 3 samples" in proc.stderr
+
+
+def test_run_options_are_the_parameter_model():
+    from flows.cli import build_parser, params_from_args
+
+    ns = build_parser().parse_args(
+        ["run", "--calib-batches", "3", "--calib-method", "percentile", "--percentile", "99.9",
+         "--exclude", "a.b", "--exclude", "c.*", "--device", "cpu", "--calib-sampling", "shuffle"]
+    )
+    params = params_from_args(ns)
+    assert params == PTQParams(
+        calib_batches=3, calib_method="percentile", percentile=99.9, exclude=["a.b", "c.*"], device="cpu",
+        calib_sampling="shuffle",
+    )
+    assert set(PTQParams.model_fields) <= set(vars(ns))
