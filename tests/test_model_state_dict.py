@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import bevfusion_ptq.model as bm
@@ -71,3 +72,11 @@ def test_reference_layout_state_passes_the_strict_check() -> None:
     converted, report = convert_sparse_weights(state, expected)
     assert report == {"layout": "spconv1", "sparse_tensors": 21, "converted": 21}
     check_keys_and_shapes(converted, expected, "reference-table")
+
+
+def test_packaged_table_is_the_shared_reference() -> None:
+    """The table ships with the package (tests run anywhere); it must stay the shared one."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bevfusion_r50_state_dict.tsv"
+    if not shared.is_file():
+        pytest.skip(f"no shared reference beside the checkout ({shared})")
+    assert TSV.read_bytes() == shared.read_bytes()
