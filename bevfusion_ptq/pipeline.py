@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,9 @@ def prepare_checkpoint(params: PTQParams) -> CheckpointRef:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         log.info("no --checkpoint given: writing a random-weight checkpoint to %s", path)
-        make_checkpoint(path, cfg, seed=params.seed)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")  # never leave a truncated file
+        make_checkpoint(partial, cfg, seed=params.seed)
+        partial.replace(path)
     return CheckpointRef(path=str(path), sha256=file_sha256(path), generated=True)
 
 

@@ -32,9 +32,6 @@ from bevfusion_ptq.quant import amax as amax_math
 
 log = logging.getLogger(__name__)
 
-HISTOGRAM_METHODS = ("mse", "percentile", "entropy")
-
-
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
     """Yield (path, quantizer) once per quantizer object, under its first path.
 
