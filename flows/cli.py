@@ -73,7 +73,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     result = ptq(params)
     verb = "already published at" if result["reused"] else "written to"
-    print(f"artifacts {verb} {result['path']} (version {result['version']})")
+    print(f"artifacts {verb} {Path(result['path']).resolve()} (version {result['version']})")
     return 0
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from prefect import flow
 
 from bevfusion_ptq.params import PTQParams
 from tasks import stages
+
+# pytorch-quantization logs one absl WARNING per quantizer each time calibration is switched
+# on or off ("Disable MaxCalibrator"): hundreds of lines per run that hide the real ones.
+logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 @flow(name="bevfusion-ptq", log_prints=False)
