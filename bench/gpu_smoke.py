@@ -108,9 +108,9 @@ def r50_calibration(model, cfg, num_points: int, batches: int, compare: int) -> 
     from bevfusion_ptq.quant.compat import iter_quantizers
     from bevfusion_ptq.quant.fuse import fuse_bn
     from bevfusion_ptq.quant.insert import insert_quantizers
-    from bevfusion_ptq.quant.rules import default_rules
+    from bevfusion_ptq.quant.rules import bevfusion_rules
 
-    plan = insert_quantizers(model, default_rules())
+    plan = insert_quantizers(model, bevfusion_rules())
     fuse_bn(model)
     model.cuda().eval()
     data = [random_batch(cfg, num_points=num_points, seed=i) for i in range(batches)]

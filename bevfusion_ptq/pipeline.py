@@ -32,7 +32,7 @@ from bevfusion_ptq.quant.calibrate import ProgressFn, calibrate
 from bevfusion_ptq.quant.fuse import fuse_bn
 from bevfusion_ptq.quant.insert import apply_exclusions, insert_quantizers
 from bevfusion_ptq.quant.report import quantizer_status
-from bevfusion_ptq.quant.rules import default_rules
+from bevfusion_ptq.quant.rules import bevfusion_rules
 from bevfusion_ptq.workdir import StageRef, load_model, save_model, stage_key, state_dir
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def load_model_stage(params: PTQParams, ckpt: CheckpointRef) -> StageRef:
 def insert_quantizers_stage(params: PTQParams, ref: StageRef) -> StageRef:
     """Apply the rule set (quantizers are created, not yet calibrated)."""
     model = load_model(ref)
-    rules = default_rules(tuple(params.exclude))
+    rules = bevfusion_rules(tuple(params.exclude))
     plan = insert_quantizers(model, rules)
     made_from = {"model": ref.key, "rules": rules.name, "quantized_modules": len(plan.modules)}
     return save_model(model, "insert_quantizers", stage_key("insert_quantizers", **made_from), made_from)

@@ -10,7 +10,7 @@ from torch import nn
 
 from bevfusion_ptq.errors import QuantizationRuleError
 from bevfusion_ptq.quant.modules import is_quantized
-from bevfusion_ptq.quant.rules import Quant, Rule, RuleSet
+from bevfusion_ptq.quant.rules import Quant, Rule, RuleSet, ShareGroup
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class PlannedModule:
     float_type: str
     quant_type: str
     input: Quant
-    weight: Quant
+    weight: Quant | None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -37,6 +37,7 @@ class QuantPlan:
     rule_set: str
     modules: tuple[PlannedModule, ...]
     exclude: tuple[str, ...]
+    share: tuple[ShareGroup, ...] = ()
 
 
 def matches(path: str, patterns: tuple[str, ...]) -> bool:
@@ -67,7 +68,8 @@ def insert_quantizers(model: nn.Module, rules: RuleSet) -> QuantPlan:
         rule = _rule_for(path, module, rules.rules)
         if rule is None:
             continue
-        quant = rule.quantize(module, rule.input.descriptor(), rule.weight.descriptor())
+        weight = None if rule.weight is None else rule.weight.descriptor()
+        quant = rule.quantize(module, rule.input.descriptor(), weight)
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, quant)
@@ -81,8 +83,47 @@ def insert_quantizers(model: nn.Module, rules: RuleSet) -> QuantPlan:
             f"rule set {rules.name!r}: rule(s) {', '.join(unmatched)} matched no module of "
             f"{type(model).__name__}; the rules do not fit this model"
         )
+    # Block-local sharing (e.g. a Bottleneck's conv1/downsample/identity) once every conv
+    # inside the block carries its quantizers, then the rule set's cross-module groups.
+    for path, module in model.named_modules():
+        share_local = getattr(module, "share_quantizers", None)
+        if callable(share_local):
+            share_local(path)
+    for group in rules.share:
+        share_quantizers(model, group)
     log.info("inserted quantizers into %d modules (rule set %s)", len(planned), rules.name)
-    return QuantPlan(rules.name, tuple(planned), rules.exclude)
+    return QuantPlan(rules.name, tuple(planned), rules.exclude, rules.share)
+
+
+def share_quantizers(model: nn.Module, group: ShareGroup, attr: str = "_input_quantizer") -> None:
+    """Make every member of ``group`` use the first member's quantizer object.
+
+    Every reference to a member's old quantizer anywhere in the model is replaced, not only
+    the member's own attribute, so a quantizer that was already shared inside a block (a
+    Bottleneck identity reusing conv1's) follows the group.
+    """
+    from pytorch_quantization.nn import TensorQuantizer
+
+    quantizers = []
+    for path in group.members:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise QuantizationRuleError(
+                f"share group {group.name!r}: module {path!r} does not exist in {type(model).__name__}"
+            ) from None
+        quantizer = getattr(module, attr, None)
+        if not isinstance(quantizer, TensorQuantizer):
+            raise QuantizationRuleError(
+                f"share group {group.name!r}: {path!r} ({type(module).__name__}) has no {attr}; "
+                "no rule quantized it"
+            )
+        quantizers.append(quantizer)
+    leader, old = quantizers[0], {id(q) for q in quantizers[1:] if q is not quantizers[0]}
+    for owner in list(model.modules()):
+        for name, child in list(owner._modules.items()):
+            if id(child) in old:
+                owner._modules[name] = leader
 
 
 def apply_exclusions(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
