@@ -98,6 +98,31 @@ def cmd_inspect_checkpoint(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:
+    import json
+
+    from bevfusion_ptq.model.builder import build_model
+    from bevfusion_ptq.model.config import load_config
+    from bevfusion_ptq.quant.insert import insert_quantizers
+    from bevfusion_ptq.quant.plan import plan_quantizers
+    from bevfusion_ptq.quant.rules import bevfusion_rules
+
+    exclude = tuple(ns.exclude) if ns.exclude is not None else None
+    model = build_model(load_config(ns.config))
+    rows = plan_quantizers(model, insert_quantizers(model, bevfusion_rules(exclude)))
+    if ns.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    for r in rows:
+        axis = "tensor" if r.axis is None else f"axis {r.axis}"
+        state = "on " if r.enabled else "OFF"
+        group = f"  [{r.share_group}]" if r.share_group else ""
+        print(f"{state} {r.num_bits}b {axis:<10} {r.calibrator:<9} {' = '.join(r.names)}{group}")
+    disabled = sum(not r.enabled for r in rows)
+    print(f"{len(rows)} quantizers, {len(rows) - disabled} enabled, {disabled} disabled by exclusions")
+    return 0
+
+
 def cmd_make_dataset(ns: argparse.Namespace) -> int:
     from bevfusion_ptq.data import make_dataset
 
@@ -132,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="UNSAFE: allow full unpickling (arbitrary code) for trusted files that weights_only cannot read",
     )
     insp.set_defaults(func=cmd_inspect_checkpoint)
+
+    pl = sub.add_parser("plan", help="list every quantizer the rules create (no calibration)")
+    pl.add_argument("--config", default="bevfusion-r50", help="config name or path")
+    pl.add_argument("--exclude", action="append", metavar="PATTERN",
+                    help="module path patterns to disable (repeatable; default: the reference's two)")
+    pl.add_argument("--json", action="store_true", help="machine-readable list")
+    pl.set_defaults(func=cmd_plan)
 
     ds = sub.add_parser("make-dataset", help="write a small generated tree in the nuScenes layout")
     ds.add_argument("dir")

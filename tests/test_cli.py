@@ -79,3 +79,38 @@ def test_run_options_are_the_parameter_model():
         calib_sampling="shuffle",
     )
     assert set(PTQParams.model_fields) <= set(vars(ns))
+
+
+def test_plan_json_lists_every_quantizer_with_all_its_names(capsys):
+    import json
+
+    from flows.cli import main
+
+    assert main(["plan", "--config", "bevfusion-tiny", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 120  # distinct quantizer objects of bevfusion-tiny
+    for row in rows:
+        assert {"names", "enabled", "num_bits", "axis", "calibrator", "share_group"} <= row.keys()
+    disabled = sorted(n for r in rows if not r["enabled"] for n in r["names"])
+    assert disabled == [
+        "decoder.neck.deblocks.0.0._input_quantizer", "decoder.neck.deblocks.0.0._weight_quantizer",
+        "encoders.lidar.backbone.conv_input.0._input_quantizer",
+        "encoders.lidar.backbone.conv_input.0._weight_quantizer",
+    ]
+    groups = {r["share_group"]: set(r["names"]) for r in rows if r["share_group"]}
+    assert set(groups) == {"layer3-lateral0", "layer4-lateral1"}
+    assert {
+        "encoders.camera.backbone.layer3.0.conv1._input_quantizer",
+        "encoders.camera.backbone.layer3.0.downsample.0._input_quantizer",
+        "encoders.camera.neck.lateral_convs.0.conv._input_quantizer",
+    } <= groups["layer3-lateral0"]
+    assert not any(n.startswith(("heads.", "encoders.camera.vtransform.downsample")) for r in rows for n in r["names"])
+
+
+def test_plan_table_and_custom_exclusions(capsys):
+    from flows.cli import main
+
+    assert main(["plan", "--config", "bevfusion-tiny", "--exclude", "fuser"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == "120 quantizers, 118 enabled, 2 disabled by exclusions"
+    assert "OFF 8b tensor     histogram fuser.0._input_quantizer" in out

@@ -137,7 +137,8 @@ def apply_exclusions(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
     disabled: list[str] = []
     for pattern in patterns:
         hit = False
-        for path, module in model.named_modules():
+        # Every path, not just the first: a shared quantizer is excluded through any of them.
+        for path, module in model.named_modules(remove_duplicate=False):
             if isinstance(module, TensorQuantizer) and matches(path.rpartition(".")[0], (pattern,)):
                 module.disable()
                 disabled.append(path)
