@@ -241,6 +241,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, trust_pickle: bool = 
     """
     path = Path(path)
     state, info = read_checkpoint(path, trust_pickle=trust_pickle)
+    return _load_state(model, state, info, path)
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], info: dict[str, Any], path: Path) -> dict[str, Any]:
+    """:func:`load_checkpoint` on an already-read file (so callers never read it twice)."""
     model_state = model.state_dict()
     expected = {k: tuple(v.shape) for k, v in model_state.items()}
     state, report = convert_sparse_weights(state, expected)
@@ -280,14 +285,15 @@ def load_model(cfg: Config | str, checkpoint_path: str | Path, *, trust_pickle: 
     ``trust_pickle`` as in :func:`load_checkpoint` (unsafe).
     """
     cfg = _resolve_config(cfg)
-    state, _ = read_checkpoint(checkpoint_path, trust_pickle=trust_pickle)
+    path = Path(checkpoint_path)
+    state, info = read_checkpoint(path, trust_pickle=trust_pickle)
     with torch.device("meta"):
         expected = _expected_shapes(build_model(cfg))
     converted, _ = convert_sparse_weights(state, expected)
-    check_keys_and_shapes(converted, expected, str(checkpoint_path))
-    del state, converted
+    check_keys_and_shapes(converted, expected, str(path))
+    del converted
     model = build_model(cfg)
-    load_checkpoint(model, checkpoint_path, trust_pickle=trust_pickle)
+    _load_state(model, state, info, path)
     return model.eval()
 
 
