@@ -6,6 +6,7 @@ import fnmatch
 import logging
 from dataclasses import asdict, dataclass
 
+from pytorch_quantization.nn import TensorQuantizer
 from torch import nn
 
 from bevfusion_ptq.errors import QuantizationRuleError
@@ -102,8 +103,6 @@ def share_quantizers(model: nn.Module, group: ShareGroup, attr: str = "_input_qu
     the member's own attribute, so a quantizer that was already shared inside a block (a
     Bottleneck identity reusing conv1's) follows the group.
     """
-    from pytorch_quantization.nn import TensorQuantizer
-
     quantizers = []
     for path in group.members:
         try:
@@ -132,8 +131,6 @@ def apply_exclusions(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
     A pattern that matches no quantized module is logged: it usually means a typo in a
     user's ``--exclude``.
     """
-    from pytorch_quantization.nn import TensorQuantizer
-
     disabled: list[str] = []
     for pattern in patterns:
         hit = False

@@ -12,6 +12,7 @@ from pytorch_quantization.nn import TensorQuantizer
 from torch import nn
 
 from bevfusion_ptq.quant.insert import QuantPlan, matches
+from bevfusion_ptq.quant.report import axis_list, calibrator_kind
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,6 @@ class PlannedQuantizer:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _axis(q: TensorQuantizer) -> list[int] | None:
-    axis = q.axis
-    if axis is None:
-        return None
-    return list(axis) if isinstance(axis, (list, tuple)) else [int(axis)]
 
 
 def plan_quantizers(model: nn.Module, plan: QuantPlan) -> list[PlannedQuantizer]:
@@ -56,15 +50,14 @@ def plan_quantizers(model: nn.Module, plan: QuantPlan) -> list[PlannedQuantizer]
     for key, quantizer in objects.items():
         paths = names[key]
         excluded = any(matches(p.rpartition(".")[0], plan.exclude) for p in paths)
-        calibrator = type(getattr(quantizer, "_calibrator", None)).__name__
         rows.append(
             PlannedQuantizer(
                 names=paths,
                 share_group=group_of.get(key),
                 enabled=not excluded and not quantizer._disabled,
                 num_bits=quantizer.num_bits,
-                axis=_axis(quantizer),
-                calibrator={"HistogramCalibrator": "histogram", "MaxCalibrator": "max"}.get(calibrator, "none"),
+                axis=axis_list(quantizer),
+                calibrator=calibrator_kind(quantizer),
             )
         )
     return rows

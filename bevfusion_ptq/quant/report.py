@@ -30,7 +30,8 @@ class QuantizerStatus:
         return asdict(self)
 
 
-def _calibrator_kind(q) -> str:
+def calibrator_kind(q) -> str:
+    """``histogram``, ``max`` or ``none``: the calibrator a quantizer collects with."""
     c = getattr(q, "_calibrator", None)
     if isinstance(c, calib.HistogramCalibrator):
         return "histogram"
@@ -39,13 +40,20 @@ def _calibrator_kind(q) -> str:
     return "none"
 
 
+def axis_list(q) -> list[int] | None:
+    """A quantizer's axis as a JSON-able list (None: per tensor)."""
+    axis = q.axis
+    if axis is None:
+        return None
+    return [int(a) for a in axis] if isinstance(axis, (list, tuple)) else [int(axis)]
+
+
 def quantizer_status(model: nn.Module, method: str) -> list[QuantizerStatus]:
     """Every quantizer object once, in model order."""
     rows = []
     for name, q in compat.iter_quantizers(model):
         amax = getattr(q, "_amax", None)
-        kind = _calibrator_kind(q)
-        axis = q.axis
+        kind = calibrator_kind(q)
         if amax is None:
             values = None
             lo = med = hi = None
@@ -58,7 +66,7 @@ def quantizer_status(model: nn.Module, method: str) -> list[QuantizerStatus]:
                 name=name,
                 enabled=not q._disabled,
                 num_bits=q.num_bits,
-                axis=None if axis is None else list(axis if isinstance(axis, (list, tuple)) else [axis]),
+                axis=axis_list(q),
                 calibrator=kind,
                 method=method if kind == "histogram" else kind,
                 amax=values,
