@@ -98,7 +98,14 @@ def test_plan_json_lists_every_quantizer_with_all_its_names(capsys):
         "encoders.lidar.backbone.conv_input.0._weight_quantizer",
     ]
     groups = {r["share_group"]: set(r["names"]) for r in rows if r["share_group"]}
-    assert set(groups) == {"layer3-lateral0", "layer4-lateral1"}
+    residual = {g for g in groups if g.startswith("residual:")}
+    assert set(groups) - residual == {"layer3-lateral0", "layer4-lateral1"}
+    # Bottleneck blocks share inside the block: conv1 with the downsample or the identity.
+    assert "residual:encoders.camera.backbone.layer1.0" in residual
+    assert {
+        "encoders.camera.backbone.layer1.0.conv1._input_quantizer",
+        "encoders.camera.backbone.layer1.0.downsample.0._input_quantizer",
+    } <= groups["residual:encoders.camera.backbone.layer1.0"]
     assert {
         "encoders.camera.backbone.layer3.0.conv1._input_quantizer",
         "encoders.camera.backbone.layer3.0.downsample.0._input_quantizer",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ class CalibrationResult:
     num_batches: int
     amax: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
+    resumed_from: int = 0  # batches restored from a calibration state instead of collected
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -53,6 +55,34 @@ def _calibrated_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]
     return [(n, q) for n, q in compat.iter_quantizers(model) if getattr(q, "_calibrator", None) is not None]
 
 
+@contextmanager
+def _finite_check(quantizers: list[tuple[str, TensorQuantizer]], batch: list[int]) -> Iterator[None]:
+    """Fail at the first non-finite tensor a calibrator would see, naming quantizer and batch.
+
+    A NaN or inf poisons a histogram for good (every later amax is garbage), and
+    pytorch-quantization only fails much later with an unrelated range error, if at all.
+    """
+
+    def check(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if isinstance(x, torch.Tensor) and not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                raise CalibrationError(
+                    f"non-finite activations at quantizer {name} in calibration batch {batch[0]} "
+                    f"({bad} of {x.numel()} values are NaN or inf)"
+                )
+
+        return hook
+
+    handles = [q.register_forward_pre_hook(check(name)) for name, q in quantizers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def collect(
     model: nn.Module,
     batches: Iterable[Any],
@@ -60,33 +90,40 @@ def collect(
     *,
     forward: Forward = default_forward,
     progress: ProgressFn | None = None,
+    start: int = 0,
 ) -> int:
-    """Feed exactly ``num_batches`` batches with quantization off and calibrators on.
+    """Feed batches ``start .. num_batches-1`` with quantization off and calibrators on.
 
     The reference's loop runs one batch more than asked (it checks the count after the
-    forward); we stop at ``num_batches``. Returns the number of batches actually seen.
+    forward); we stop at ``num_batches``. ``start`` > 0 continues an imported calibration
+    state: ``batches`` then yields only the batches not seen yet. ``progress(seen, total)``
+    runs after every batch (the orchestration checkpoints from it). Returns the number of
+    batches seen in total.
     """
     quantizers = _calibrated_quantizers(model)
     for _, q in quantizers:
         q.disable_quant()
         q.enable_calib()
     model.eval()
-    start = time.perf_counter()
-    seen = 0
+    started = time.perf_counter()
+    seen = start
+    current = [start]
+    every = max(1, num_batches // 10)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _finite_check(quantizers, current):
             for batch in batches:
                 if seen >= num_batches:
                     break
+                current[0] = seen
                 forward(model, batch)
                 seen += 1
-                if progress is not None:
-                    progress(seen, num_batches)
-                if seen == num_batches or seen % max(1, num_batches // 10) == 0:
-                    elapsed = time.perf_counter() - start
-                    rate = seen / elapsed if elapsed > 0 else float("inf")
+                if seen == num_batches or seen % every == 0:
+                    elapsed = time.perf_counter() - started
+                    rate = (seen - start) / elapsed if elapsed > 0 else float("inf")
                     eta = (num_batches - seen) / rate if rate > 0 else float("nan")
                     log.info("calibration batch %d/%d, %.2f batch/s, ETA %.0f s", seen, num_batches, rate, eta)
+                if progress is not None:
+                    progress(seen, num_batches)
     finally:
         for _, q in quantizers:
             q.disable_calib()
@@ -128,17 +165,22 @@ def calibrate(
     percentile: float = 99.99,
     forward: Forward = default_forward,
     progress: ProgressFn | None = None,
+    start: int = 0,
 ) -> CalibrationResult:
     """Collect ``num_batches`` batches, then compute every quantizer's amax with ``method``.
 
     Histogram quantizers (activations) use ``method``; max quantizers (weights) always take
     their per-channel max. Fails when fewer batches were available than asked for.
+    ``start`` continues a calibration whose state was imported after ``start`` batches (see
+    :mod:`bevfusion_ptq.quant.calib_state`); the amax is the same as an uninterrupted run's.
     """
     if num_batches < 1:
         raise CalibrationError(f"num_batches must be >= 1, got {num_batches}")
-    start = time.perf_counter()
-    seen = collect(model, batches, num_batches, forward=forward, progress=progress)
+    if not 0 <= start <= num_batches:
+        raise CalibrationError(f"cannot continue at batch {start} of {num_batches}")
+    began = time.perf_counter()
+    seen = collect(model, batches, num_batches, forward=forward, progress=progress, start=start)
     if seen < num_batches:
         raise CalibrationError(f"asked for {num_batches} calibration batches, the data gave {seen}")
     amax = compute_amax(model, method, percentile=percentile)
-    return CalibrationResult(method, seen, amax, time.perf_counter() - start)
+    return CalibrationResult(method, seen, amax, time.perf_counter() - began, resumed_from=start)

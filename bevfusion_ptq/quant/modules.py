@@ -12,7 +12,8 @@ from typing import TypeVar
 
 import spconv.pytorch as spconv
 import torch
-from spconv.pytorch.conv import SparseConvolution
+from cumm.tensorview.gemm import Activation
+from spconv.pytorch.conv import SparseConvolution, _apply_act
 from pytorch_quantization import nn as quant_nn
 from pytorch_quantization.tensor_quant import QuantDescriptor
 from torch import nn
@@ -47,12 +48,16 @@ def attach_quantizers(
 
 
 class _SparseConvForward:
-    """spconv 2 forward that is correct on the CPU, bias included.
+    """spconv 2 forward that is correct on the CPU, bias and recorded activation included.
 
     spconv fuses the bias into its kernel in eval mode and its CPU path refuses that ("cpu
     don't support act and bias"), yet every sparse conv has a bias once BN is folded into
     it. On the CPU the bias is added to the output features instead, which is the same sum,
     and the conv runs single-threaded (see :mod:`bevfusion_ptq.sparse_cpu`).
+
+    ``act_type`` (set by :func:`bevfusion_ptq.quant.fold_relu.fold_relu` for the exporter) is
+    applied here after the bias rather than inside spconv's kernel: the CPU kernel refuses
+    it, and spconv 2.3.8 passes ``act_type`` in place of ``act_alpha`` for strided convs.
     """
 
     def _sparse_forward(self, input: spconv.SparseConvTensor, weight: torch.Tensor, add_input=None):  # noqa: A002
@@ -67,12 +72,14 @@ class _SparseConvForward:
                 add_input,
                 name=self.name,
                 sparse_unique_name=self._sparse_unique_name,
-                act_type=self.act_type,
+                act_type=Activation.None_,
                 act_alpha=self.act_alpha,
                 act_beta=self.act_beta,
             )
         if bias is not None and fused_bias is None:
             out = out.replace_feature(out.features + bias)
+        if self.act_type != Activation.None_:
+            out = out.replace_feature(_apply_act(out.features, self.act_type, self.act_alpha, self.act_beta))
         return out
 
     def forward(self, input: spconv.SparseConvTensor, add_input=None):  # noqa: A002 - spconv's name

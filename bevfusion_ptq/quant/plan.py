@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from pytorch_quantization.nn import TensorQuantizer
 from torch import nn
 
 from bevfusion_ptq.quant.insert import QuantPlan, matches
-from bevfusion_ptq.quant.report import axis_list, calibrator_kind
+from bevfusion_ptq.quant.report import axis_list, calibrator_kind, quantizer_paths, share_groups
 
 
 @dataclass(frozen=True)
@@ -36,24 +35,14 @@ def plan_quantizers(model: nn.Module, plan: QuantPlan) -> list[PlannedQuantizer]
     ``enabled`` is what calibration will leave: a quantizer is disabled when the module
     holding it matches an exclusion under any of its names.
     """
-    names: dict[int, list[str]] = {}
-    objects: dict[int, TensorQuantizer] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, TensorQuantizer):
-            names.setdefault(id(module), []).append(path)
-            objects[id(module)] = module
-    group_of: dict[int, str] = {}
-    for group in plan.share:
-        first = model.get_submodule(group.members[0])._input_quantizer
-        group_of[id(first)] = group.name
+    group_of = share_groups(model, plan.share)
     rows = []
-    for key, quantizer in objects.items():
-        paths = names[key]
+    for quantizer, paths in quantizer_paths(model):
         excluded = any(matches(p.rpartition(".")[0], plan.exclude) for p in paths)
         rows.append(
             PlannedQuantizer(
                 names=paths,
-                share_group=group_of.get(key),
+                share_group=group_of.get(id(quantizer)),
                 enabled=not excluded and not quantizer._disabled,
                 num_bits=quantizer.num_bits,
                 axis=axis_list(quantizer),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from pytorch_quantization import calib
+from pytorch_quantization.nn import TensorQuantizer
 from torch import nn
 
-from bevfusion_ptq.quant import compat
+from bevfusion_ptq.quant.rules import ShareGroup
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,7 @@ class QuantizerStatus:
     """One quantizer: the reference's report line, plus what a reviewer needs to judge it."""
 
     name: str
+    share_group: str | None
     enabled: bool
     num_bits: int
     axis: list[int] | None
@@ -25,9 +28,38 @@ class QuantizerStatus:
     amax_min: float | None
     amax_median: float | None
     amax_max: float | None
+    names: list[str]  # every module path reaching this one quantizer object
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def quantizer_paths(model: nn.Module) -> list[tuple[TensorQuantizer, list[str]]]:
+    """Every quantizer object once, in model order, with every path that reaches it."""
+    found: dict[int, tuple[TensorQuantizer, list[str]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, TensorQuantizer):
+            found.setdefault(id(module), (module, []))[1].append(path)
+    return list(found.values())
+
+
+def share_groups(model: nn.Module, groups: Sequence[ShareGroup]) -> dict[int, str]:
+    """Quantizer object id -> share-group name, for the rule set's groups and block-local sharing.
+
+    A quantizer reached under several paths that no rule-set group names is shared inside one
+    block (a Bottleneck's conv1, downsample and identity): it is labelled ``residual:<block>``.
+    """
+    named: dict[int, str] = {}
+    for group in groups:
+        leader = getattr(model.get_submodule(group.members[0]), "_input_quantizer", None)
+        if leader is not None:
+            named[id(leader)] = group.name
+    for quantizer, paths in quantizer_paths(model):
+        if id(quantizer) not in named and len(paths) > 1:
+            parts = [p.split(".")[:-1] for p in paths]
+            common = [names[0] for names in zip(*parts) if len(set(names)) == 1]
+            named[id(quantizer)] = f"residual:{'.'.join(common)}"
+    return named
 
 
 def calibrator_kind(q) -> str:
@@ -48,10 +80,13 @@ def axis_list(q) -> list[int] | None:
     return [int(a) for a in axis] if isinstance(axis, (list, tuple)) else [int(axis)]
 
 
-def quantizer_status(model: nn.Module, method: str) -> list[QuantizerStatus]:
-    """Every quantizer object once, in model order."""
+def quantizer_status(
+    model: nn.Module, method: str, groups: Sequence[ShareGroup] = ()
+) -> list[QuantizerStatus]:
+    """Every quantizer object once, in model order, named by its first path."""
+    group_of = share_groups(model, groups)
     rows = []
-    for name, q in compat.iter_quantizers(model):
+    for q, paths in quantizer_paths(model):
         amax = getattr(q, "_amax", None)
         kind = calibrator_kind(q)
         if amax is None:
@@ -63,7 +98,8 @@ def quantizer_status(model: nn.Module, method: str) -> list[QuantizerStatus]:
             lo, med, hi = (float(flat.min()), float(torch.median(flat)), float(flat.max()))
         rows.append(
             QuantizerStatus(
-                name=name,
+                name=paths[0],
+                share_group=group_of.get(id(q)),
                 enabled=not q._disabled,
                 num_bits=q.num_bits,
                 axis=axis_list(q),
@@ -73,6 +109,7 @@ def quantizer_status(model: nn.Module, method: str) -> list[QuantizerStatus]:
                 amax_min=lo,
                 amax_median=med,
                 amax_max=hi,
+                names=paths,
             )
         )
     return rows
