@@ -49,3 +49,25 @@ class PublishError(PTQError):
     """Publishing or fetching artifacts failed verification or could not complete."""
 
     exit_code = 8
+
+
+class TransientStorageError(PTQError):
+    """The store could not be reached, kept failing (5xx, throttling) after botocore's own
+    retries, or did not read back what was written. Retrying later may succeed, so unlike the
+    other errors the flow does retry it."""
+
+    exit_code = 12
+
+
+class FetchError(PTQError):
+    """Nothing to fetch: no ``latest.json``, a version without manifest (unfinished or
+    unknown), or a manifest that is not one of ours."""
+
+    exit_code = 13
+
+
+class VerificationError(PTQError):
+    """A file's size or sha256 differs from its manifest entry (local before upload, or after
+    download): the bytes are not the ones the manifest vouches for."""
+
+    exit_code = 14
