@@ -7,7 +7,7 @@ PIP     = $(VENV)/bin/pip
 PIN     = -c constraints.txt
 STAMP   = $(VENV)/.installed
 
-.PHONY: install run test clean-venv
+.PHONY: install run test moto-server clean-venv
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ run: install
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+# A local S3 (moto, in memory) on 127.0.0.1:5000 for trying `run --output s3://...`.
+moto-server: install
+	$(VENV)/bin/python -m moto.server -H 127.0.0.1 -p 5000
 
 clean-venv:
 	rm -rf $(VENV)

@@ -52,10 +52,11 @@ def skeleton_on_cuda(out: Path) -> dict:
     data = pipeline.prepare_dataset(params)
     ref = pipeline.load_model_stage(params, ckpt)
     ref = pipeline.insert_quantizers_stage(params, ref)
-    ref = pipeline.fuse_bn_stage(ref)
+    ref = pipeline.fuse_bn_stage(params, ref)
     device = pipeline.resolve_device(params.device)
     ref = pipeline.calibrate_stage(params, ref, data)
-    saved = pipeline.save_artifacts_stage(params, ref, ckpt, data)
+    fidelity = pipeline.fidelity_stage(params, ref, data)
+    saved = pipeline.save_artifacts_stage(params, ref, ckpt, data, fidelity)
     model = load_model(ref).to(device)
     amax = [b for n, b in model.named_buffers() if n.endswith("_amax")]
     return {

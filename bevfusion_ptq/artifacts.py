@@ -7,9 +7,12 @@ staging directory that is renamed into place, so a crash leaves no half version 
 - ``model.pth``: the reference-compatible pickle. ``torch.load(p, weights_only=False).module``
   is the quantized model, as CUDA-BEVFusion's export scripts expect.
 - ``state_dict.pth``: plain tensors (``torch.load(weights_only=True)`` works), amax included.
-- ``quantizers.json``: every quantizer's descriptor and amax.
-- ``manifest.json``: ``version``, ``model``, ``created_at``, ``files`` [{name, size, sha256}], and
-  what produced them.
+- ``quantizers.json``: every quantizer's descriptor, share group, enabled state and amax (the
+  status table; :func:`bevfusion_ptq.quant.load.load_quantized` reads it back).
+- whatever the caller adds: JSON files (``extra_files``) and files written by ``write_extra``
+  (plots), possibly in sub-directories.
+- ``manifest.json``: ``version``, ``model``, ``created_at``, ``files`` [{name, size, sha256}] with
+  ``/``-separated relative names, and what produced them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +76,16 @@ def save_artifacts(
     version: str,
     inputs: dict[str, Any],
     extra_files: dict[str, Any] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> SavedVersion:
     """Write the version directory for ``model``; an existing complete one is reused.
 
     ``version`` is derived by the caller from the inputs, so an existing directory with a
     manifest holds exactly what this call would write, and re-running changes nothing.
-    ``extra_files`` maps file names to JSON-able data (status tables, resolved configs).
+    ``extra_files`` maps file names to JSON-able data (status tables, resolved configs);
+    ``write_extra(dir)`` writes further files into the version directory before it is
+    checksummed; ``manifest_extra`` adds keys to the manifest (provenance, fidelity summary).
     """
     model_dir = Path(out_root) / model_name
     final = model_dir / version
@@ -96,15 +104,19 @@ def save_artifacts(
         _write_json(staging / "quantizers.json", quantizers)
         for name, data in (extra_files or {}).items():
             _write_json(staging / name, data)
+        if write_extra is not None:
+            write_extra(staging)
         files = [
-            {"name": p.name, "size": p.stat().st_size, "sha256": file_sha256(p)}
-            for p in sorted(staging.iterdir())
+            {"name": p.relative_to(staging).as_posix(), "size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
         ]
         manifest = {
             "version": version,
             "model": model_name,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "package_version": __version__,
+            **(manifest_extra or {}),
             "inputs": inputs,
             "files": files,
         }

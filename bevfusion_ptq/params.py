@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,6 +47,29 @@ class PTQParams(BaseModel):
         default_factory=lambda: list(DEFAULT_EXCLUDE),
         description="module path patterns whose quantizers are disabled after calibration (repeatable)",
     )
-    output: str = Field("./artifacts", description="output root directory")
+    fidelity_batches: int = Field(
+        2, ge=0, le=10_000,
+        description="batches of the calibration set on which INT8 is compared with FP32 (0: no fidelity report)",
+    )
+    calib_checkpoint_every: int = Field(
+        0, ge=0,
+        description="save the calibration state every N batches so a retry resumes there (0: about every 2 minutes)",
+    )
+    output: str = Field(
+        "./artifacts", description="where versions are published: a local directory or s3://bucket/prefix"
+    )
+    sse: Literal["AES256", "aws:kms"] | None = Field(
+        None, description="S3 server-side encryption for published objects (s3:// outputs only)"
+    )
+    sse_kms_key_id: str | None = Field(None, description="KMS key id for --sse aws:kms (default: the bucket's key)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="calibration device; auto picks cuda when available")
     seed: int = Field(0, ge=0, description="seed for generated data, random checkpoints and sampling")
+
+    @property
+    def model_name(self) -> str:
+        """The name versions are published under (``bevfusion_r50.py`` -> ``bevfusion-r50``)."""
+        return Path(self.config).stem.replace("_", "-")
+
+    @property
+    def publishes_to_s3(self) -> bool:
+        return self.output.startswith("s3://")

@@ -16,9 +16,8 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from bevfusion_ptq import __version__
 from bevfusion_ptq.errors import PTQError
-from bevfusion_ptq.hashing import data_sha256, file_sha256
+from bevfusion_ptq.hashing import file_sha256
 
 
 def state_dir() -> Path:
@@ -40,20 +39,27 @@ class StageRef(BaseModel):
     made_from: dict[str, Any]
 
 
-def stage_key(stage: str, **parts: Any) -> str:
-    """Hash of a stage's inputs, its name and the package version."""
-    return data_sha256({"stage": stage, "package": __version__, **parts})
+def stage_dir(stage: str, key: str, root: Path | None = None) -> Path:
+    """``<state>/work/<stage>/<key>/``: where a stage's output for ``key`` lives."""
+    return (root or state_dir()) / "work" / stage / key
+
+
+def stage_output(stage: str, key: str) -> Path:
+    """The model file a model stage writes for ``key`` (it may not exist yet)."""
+    return stage_dir(stage, key) / "model.pt"
 
 
 def save_model(model: nn.Module, stage: str, key: str, made_from: dict[str, Any], root: Path | None = None) -> StageRef:
     """Pickle ``model`` (CPU copy) to ``<root>/work/<stage>/<key>/model.pt``, atomically."""
-    folder = (root or state_dir()) / "work" / stage / key
+    folder = stage_dir(stage, key, root)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.pt"
     tmp = folder / f".model.pt.{os.getpid()}"
     torch.save(model, tmp)
     tmp.replace(target)
-    return StageRef(stage=stage, key=key, path=str(target), sha256=file_sha256(target), made_from=made_from)
+    ref = StageRef(stage=stage, key=key, path=str(target), sha256=file_sha256(target), made_from=made_from)
+    (folder / "stage.json").write_text(ref.model_dump_json(indent=2) + "\n")  # for people and tests
+    return ref
 
 
 def load_model(ref: StageRef) -> nn.Module:
@@ -63,7 +69,9 @@ def load_model(ref: StageRef) -> nn.Module:
     """
     path = Path(ref.path)
     if not path.is_file():
-        raise PTQError(f"work file of stage {ref.stage} is missing: {path}")
+        raise PTQError(f"work file of stage {ref.stage} is missing: {path}; run again with --refresh-cache")
     if file_sha256(path) != ref.sha256:
-        raise PTQError(f"work file of stage {ref.stage} changed since it was written: {path}")
+        raise PTQError(
+            f"work file of stage {ref.stage} changed since it was written: {path}; run again with --refresh-cache"
+        )
     return torch.load(path, map_location="cpu", weights_only=False)

@@ -5,23 +5,45 @@ from __future__ import annotations
 import logging
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from bevfusion_ptq.params import PTQParams
 from tasks import stages
+from tasks.publish import publish
+from tasks.report import report
 
 # pytorch-quantization logs one absl WARNING per quantizer each time calibration is switched
 # on or off ("Disable MaxCalibrator"): hundreds of lines per run that hide the real ones.
 logging.getLogger("absl").setLevel(logging.ERROR)
+# Calibration progress (batch, rate, ETA) and resume notices come from the library's loggers;
+# deployments ship them to the run's logs with PREFECT_LOGGING_EXTRA_LOGGERS=bevfusion_ptq.
+if logging.getLogger("bevfusion_ptq").level == logging.NOTSET:
+    logging.getLogger("bevfusion_ptq").setLevel(logging.INFO)
 
 
 @flow(name="bevfusion-ptq", log_prints=False)
 def ptq(params: PTQParams = PTQParams()) -> dict:
-    """Quantize a BEVFusion checkpoint to INT8 (fake-quant) and save a versioned artifact."""
-    ckpt = stages.prepare_checkpoint(params)
-    data = stages.build_dataset(params)
-    model = stages.load_model(params, ckpt)
-    model = stages.insert_quantizers(params, model)
-    model = stages.fuse_bn(model)
-    model = stages.calibrate(params, model, data)
-    saved = stages.save_artifacts(params, model, ckpt, data)
-    return {"path": str(saved.path), "version": saved.manifest["version"], "reused": saved.reused}
+    """Quantize a BEVFusion checkpoint to INT8 (fake-quant) and publish a versioned artifact."""
+    run = stages.StageRunner()
+    ckpt = run(stages.prepare_checkpoint, params=params)
+    data = run(stages.build_dataset, params=params)
+    model = run(stages.load_model, params=params, ckpt=ckpt)
+    model = run(stages.insert_quantizers, params=params, ref=model)
+    model = run(stages.fuse_bn, params=params, ref=model)
+    calibrated = run(stages.calibrate, params=params, ref=model, data=data)
+    fidelity = run(stages.fidelity, params=params, ref=calibrated, data=data)
+    saved = run(
+        stages.save_artifacts, params=params, calibrated=calibrated, ckpt=ckpt, data=data,
+        fidelity=fidelity, flow_run_id=flow_run.get_id(),
+    )
+    published = publish(str(saved.path), params.output, params.sse, params.sse_kms_key_id)
+    report(params, saved, fidelity, run.timings, published)
+    return {
+        "path": str(saved.path),
+        "version": saved.manifest["version"],
+        "reused": saved.reused or published["reused"],
+        "url": published["url"],
+        "fidelity": fidelity.summary,
+        "flow_run_id": flow_run.get_id(),
+        "timings": run.timings,
+    }

@@ -1,68 +1,212 @@
 """One Prefect task per PTQ stage, each a thin call into :mod:`bevfusion_ptq.pipeline`.
 
-The tasks pass the library's small descriptors (paths + sha256), never models. Errors caused
-by the inputs (:class:`~bevfusion_ptq.errors.PTQError`) are not retried: retrying cannot fix
-a bad file.
+Caching: each task's cache key is the pipeline's content key for the same arguments
+(checkpoint sha256, config hash, dataset fingerprint, the stage's parameters, the package
+version and stage source, the upstream keys). Results (small descriptors, never models) and
+cache records live under the state directory, and ``SERIALIZABLE`` isolation with a
+file-system lock manager makes a concurrent identical run on the same host wait for the
+first one and then take its result instead of computing it again. Across hosts the state
+directory (results, locks, work files) must be one shared file system, or the lock manager
+a shared one (Prefect's Redis lock manager).
+
+Retries: errors caused by the inputs (:class:`~bevfusion_ptq.errors.PTQError`: a bad config,
+a missing file, a key mismatch) fail at once; anything else (CUDA out of memory, a killed
+data worker, an injected fault) is retried with exponential backoff, and calibration resumes
+from its last saved state.
+
+Timeouts: Prefect can only interrupt a sync task between Python bytecodes, never inside a
+long CUDA or spconv call. The flow runs the tasks in its own thread (no task runner
+threads) so the timeout can be delivered there at all, and calibration also gets a deadline
+that it checks between batches, saving its state before it stops.
 """
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+import hashlib
+import inspect
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.filesystems import LocalFileSystem
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.logging import get_run_logger
+from prefect.runtime import task_run
+from prefect.tasks import exponential_backoff
 
 from bevfusion_ptq import pipeline
 from bevfusion_ptq.artifacts import SavedVersion
 from bevfusion_ptq.errors import PTQError
 from bevfusion_ptq.params import PTQParams
-from bevfusion_ptq.workdir import StageRef
+from bevfusion_ptq.workdir import state_dir
+
+FAIL_AT_BATCH_ENV = "BEVFUSION_PTQ_FAIL_AT_BATCH"
+CALIBRATE_TIMEOUT_S = 6 * 3600
 
 
-def retry_unless_input_error(task, task_run, state) -> bool:
+def retry_unless_input_error(task: Task, task_run: Any, state: Any) -> bool:
     """Retry only failures that another attempt might not repeat."""
     try:
         state.result()
     except PTQError:
         return False
-    except Exception:  # noqa: BLE001 - anything else may be transient
+    except Exception:  # noqa: BLE001 - anything else (OOM, a killed worker) may be transient
         return True
     return True
 
 
-_STAGE = dict(cache_policy=NO_CACHE, retry_condition_fn=retry_unless_input_error)
+def _keyed(key_fn: Callable[..., str]) -> CacheKeyFnPolicy:
+    """A Prefect cache policy whose key is the pipeline's content key of the task's arguments."""
+    accepted = set(inspect.signature(key_fn).parameters)
+    return CacheKeyFnPolicy(cache_key_fn=lambda _ctx, inputs: key_fn(**{k: v for k, v in inputs.items() if k in accepted}))
 
 
-@task(name="prepare-checkpoint", **_STAGE)
+def _stage(name: str, key_fn: Callable[..., str], timeout_s: float, **options: Any) -> Callable[[Callable], Task]:
+    return task(
+        name=name,
+        cache_policy=_keyed(key_fn),
+        persist_result=True,
+        retry_condition_fn=retry_unless_input_error,
+        timeout_seconds=timeout_s,
+        **options,
+    )
+
+
+@_stage("prepare-checkpoint", pipeline.prepare_checkpoint_key, 3600, retries=2, retry_delay_seconds=exponential_backoff(10))
 def prepare_checkpoint(params: PTQParams) -> pipeline.CheckpointRef:
     return pipeline.prepare_checkpoint(params)
 
 
-@task(name="build-dataset", **_STAGE)
+@_stage("build-dataset", pipeline.prepare_dataset_key, 3600)
 def build_dataset(params: PTQParams) -> pipeline.DatasetRef:
     return pipeline.prepare_dataset(params)
 
 
-@task(name="load-model", **_STAGE)
-def load_model(params: PTQParams, ckpt: pipeline.CheckpointRef) -> StageRef:
+@_stage("load-model", pipeline.load_model_key, 1800)
+def load_model(params: PTQParams, ckpt: pipeline.CheckpointRef) -> pipeline.StageRef:
     return pipeline.load_model_stage(params, ckpt)
 
 
-@task(name="insert-quantizers", **_STAGE)
-def insert_quantizers(params: PTQParams, ref: StageRef) -> StageRef:
+@_stage("insert-quantizers", pipeline.insert_quantizers_key, 600)
+def insert_quantizers(params: PTQParams, ref: pipeline.StageRef) -> pipeline.StageRef:
     return pipeline.insert_quantizers_stage(params, ref)
 
 
-@task(name="fuse-bn", **_STAGE)
-def fuse_bn(ref: StageRef) -> StageRef:
-    return pipeline.fuse_bn_stage(ref)
+@_stage("fuse-bn", pipeline.fuse_bn_key, 600)
+def fuse_bn(params: PTQParams, ref: pipeline.StageRef) -> pipeline.StageRef:
+    return pipeline.fuse_bn_stage(params, ref)
 
 
-@task(name="calibrate", tags=["gpu"], retries=2, retry_delay_seconds=[10, 60], **_STAGE)
-def calibrate(params: PTQParams, ref: StageRef, data: pipeline.DatasetRef) -> StageRef:
-    return pipeline.calibrate_stage(params, ref, data)
+class _ProgressArtifact:
+    """A Prefect progress artifact, updated at most every few seconds (it is an API call)."""
+
+    def __init__(self, total: int) -> None:
+        self.id = create_progress_artifact(0.0, description=f"calibration: 0 of {total} batches")
+        self.last = 0.0
+
+    def __call__(self, seen: int, total: int) -> None:
+        now = time.monotonic()
+        if seen == total or now - self.last >= 3.0:
+            update_progress_artifact(self.id, 100.0 * seen / total, description=f"calibration: {seen} of {total} batches")
+            self.last = now
 
 
-@task(name="save-artifacts", **_STAGE)
+@_stage(
+    "calibrate", pipeline.calibrate_key, CALIBRATE_TIMEOUT_S,
+    tags=["gpu"], retries=3, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
+)
+def calibrate(params: PTQParams, ref: pipeline.StageRef, data: pipeline.DatasetRef) -> pipeline.StageRef:
+    fail_at = os.environ.get(FAIL_AT_BATCH_ENV)
+    first_attempt = task_run.get_run_count() <= 1
+    if task_run.get_run_count() > 1:
+        get_run_logger().info("attempt %d: resuming from the last saved calibration state", task_run.get_run_count())
+    return pipeline.calibrate_stage(
+        params, ref, data,
+        progress=_ProgressArtifact(params.calib_batches),
+        fail_at_batch=int(fail_at) if fail_at and first_attempt else None,
+        deadline=time.monotonic() + CALIBRATE_TIMEOUT_S - 120,
+    )
+
+
+@_stage("fidelity-report", pipeline.fidelity_key, 3600, tags=["gpu"], retries=1, retry_delay_seconds=30)
+def fidelity(params: PTQParams, ref: pipeline.StageRef, data: pipeline.DatasetRef) -> pipeline.FidelityRef:
+    return pipeline.fidelity_stage(params, ref, data)
+
+
+@_stage("save-artifacts", pipeline.save_artifacts_key, 1800)
 def save_artifacts(
-    params: PTQParams, ref: StageRef, ckpt: pipeline.CheckpointRef, data: pipeline.DatasetRef
+    params: PTQParams,
+    calibrated: pipeline.StageRef,
+    ckpt: pipeline.CheckpointRef,
+    data: pipeline.DatasetRef,
+    fidelity: pipeline.FidelityRef,
+    flow_run_id: str | None = None,
 ) -> SavedVersion:
-    return pipeline.save_artifacts_stage(params, ref, ckpt, data)
+    return pipeline.save_artifacts_stage(params, calibrated, ckpt, data, fidelity, flow_run_id)
+
+
+_STAGE_NAMES = {
+    prepare_checkpoint: "prepare_checkpoint",
+    build_dataset: "build_dataset",
+    load_model: "load_model",
+    insert_quantizers: "insert_quantizers",
+    fuse_bn: "fuse_bn",
+    calibrate: "calibrate",
+    fidelity: "fidelity",
+    save_artifacts: "save_artifacts",
+}
+
+
+class StageRunner:
+    """Runs stage tasks with this run's storage, locking and cache checks; times each one.
+
+    Storage and lock paths follow the state directory at run time (it is per test, per
+    deployment, per user), so they are set here rather than when the tasks are defined. A
+    cached result whose files are gone (a cleaned work directory or output) is recomputed
+    with ``refresh_cache`` instead of being handed to the next stage.
+    """
+
+    def __init__(self) -> None:
+        home = state_dir() / "prefect-cache"
+        # Prefect wants result storage saved as a block; one per state directory.
+        name = "bevfusion-ptq-" + hashlib.sha256(str(home).encode()).hexdigest()[:12]
+        storage = LocalFileSystem(basepath=str(home / "results"))
+        storage.save(name, overwrite=True)
+        self.storage = storage
+        self.keys = str(home / "keys")  # cache records; must not share a folder with the results
+        self.locks = FileSystemLockManager(home / "locks")
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, stage_task: Task, **inputs: Any) -> Any:
+        stage = _STAGE_NAMES[stage_task]
+        policy = stage_task.cache_policy.configure(
+            key_storage=self.keys, lock_manager=self.locks, isolation_level="SERIALIZABLE"
+        )
+        options: dict[str, Any] = {"cache_policy": policy, "result_storage": self.storage}
+        if self._stale(stage, policy, inputs):
+            options["refresh_cache"] = True
+        started = time.perf_counter()
+        try:
+            return stage_task.with_options(**options)(**inputs)
+        finally:
+            self.timings[stage_task.name] = round(time.perf_counter() - started, 3)
+
+    def _stale(self, stage: str, policy: CacheKeyFnPolicy, inputs: dict[str, Any]) -> bool:
+        """A cache record exists but the files it points to are gone.
+
+        Only then is the cache bypassed: with no record yet, a concurrent identical run must
+        still go through the lock and wait for the first one's result.
+        """
+        try:
+            key = policy.compute_key(task_ctx=None, inputs=inputs, flow_parameters={})
+        except PTQError:
+            return False  # the task itself reports the bad input
+        if key is None or not (Path(self.keys) / key).exists():
+            return False
+        present = pipeline.output_present(stage, **{k: v for k, v in inputs.items() if k != "flow_run_id"})
+        return not present

@@ -1,7 +1,11 @@
-"""The PTQ flow end to end on bevfusion-tiny with generated data, against a real Prefect API."""
+"""The PTQ flow on bevfusion-tiny with generated data, against a real Prefect API.
+
+One state directory is shared by the module's runs on purpose: caching is what is tested.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -10,27 +14,81 @@ from pathlib import Path
 
 import pytest
 import torch
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 
+from bevfusion_ptq.errors import CheckpointError
 from bevfusion_ptq.hashing import file_sha256
 from bevfusion_ptq.params import PTQParams
+from bevfusion_ptq.pipeline import StageRef
+from bevfusion_ptq.workdir import load_model
+from tasks import stages
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = (
+    "prepare-checkpoint", "build-dataset", "load-model", "insert-quantizers", "fuse-bn", "calibrate",
+    "fidelity-report", "save-artifacts",
+)
 
 
 @pytest.fixture(scope="module")
 def prefect_api():
     """A temporary Prefect server (its own database), started and stopped around the module."""
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("ptq-home")
+
+
+@pytest.fixture
+def home(shared_home, monkeypatch):
+    monkeypatch.setenv("BEVFUSION_PTQ_HOME", str(shared_home))
+    return shared_home
+
+
+@pytest.fixture
+def no_retry_delay(monkeypatch):
+    monkeypatch.setattr(stages.calibrate, "retry_delay_seconds", [0, 0, 0])
+    monkeypatch.setattr(stages.calibrate, "retry_jitter_factor", None)
+
+
+def _params(tmp: Path, **overrides) -> PTQParams:
+    return PTQParams(**{"output": str(tmp / "out"), "calib_batches": 4, "fidelity_batches": 1, "device": "cpu", **overrides})
+
+
+def _task_runs(flow_run_id: str) -> dict[str, object]:
+    """Task runs of one flow run by task name (the stage tasks run once each)."""
+    import asyncio
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    return {r.name.rsplit("-", 1)[0]: r for r in asyncio.run(read())}
+
+
+def _states(flow_run_id: str) -> dict[str, str]:
+    runs = _task_runs(flow_run_id)
+    return {name: runs[name].state.name for name in STAGES}
+
+
+def _files(version_dir: Path) -> dict[str, str]:
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    return {f["name"]: f["sha256"] for f in manifest["files"]}
 
 
 def _check_version_dir(version_dir: Path) -> dict:
     manifest = json.loads((version_dir / "manifest.json").read_text())
-    assert {"version", "model", "created_at", "files"} <= manifest.keys()
+    assert {"version", "model", "created_at", "files", "package_version", "git_commit", "flow_run_id", "fidelity"} <= manifest.keys()
     names = {f["name"] for f in manifest["files"]}
-    assert {"model.pth", "state_dict.pth", "quantizers.json"} <= names
-    on_disk = {p.name for p in version_dir.iterdir()} - {"manifest.json"}
+    assert {"model.pth", "state_dict.pth", "quantizers.json", "status.md", "fidelity.json", "config.json"} <= names
+    assert any(n.startswith("plots/") and n.endswith(".png") for n in names)
+    on_disk = {p.relative_to(version_dir).as_posix() for p in version_dir.rglob("*") if p.is_file()} - {"manifest.json"}
     assert names == on_disk
     for entry in manifest["files"]:
         path = version_dir / entry["name"]
@@ -38,33 +96,149 @@ def _check_version_dir(version_dir: Path) -> dict:
         assert file_sha256(path) == entry["sha256"]
     quantizers = json.loads((version_dir / "quantizers.json").read_text())
     enabled = [q for q in quantizers if q["enabled"]]
-    assert enabled, "no enabled quantizer"
+    assert len(quantizers) == 120 and len(enabled) == 116
     for q in enabled:
         values = q["amax"] if isinstance(q["amax"], list) else [q["amax"]]
         assert values and all(v is not None and 0 < v < float("inf") for v in values), q["name"]
+    assert 0 < manifest["fidelity"]["min_cosine"] <= 1
     return manifest
 
 
-def test_flow_runs_every_stage_and_writes_verified_artifacts(prefect_api, tmp_path):
+def _calibrated_amax(home: Path, key: str) -> dict[str, torch.Tensor]:
+    path = home / "work" / "calibrate" / key / "model.pt"
+    ref = StageRef(stage="calibrate", key=key, path=str(path), sha256=file_sha256(path), made_from={})
+    return {k: v for k, v in load_model(ref).state_dict().items() if k.endswith("._amax")}
+
+
+@pytest.mark.slow
+def test_first_run_writes_artifacts_then_identical_run_is_all_cached(prefect_api, home, tmp_path):
     from flows.ptq import ptq
 
-    params = PTQParams(output=str(tmp_path / "out"), calib_batches=2, device="cpu")
-    result = ptq(params)
-    version_dir = Path(result["path"])
-    assert version_dir.parent.parent == tmp_path / "out"
-    assert version_dir.parent.name == "bevfusion-tiny"
+    params = _params(home)
+    first = ptq(params)
+    assert set(_states(first["flow_run_id"]).values()) == {"Completed"}
+    version_dir = Path(first["path"])
+    assert version_dir.parent == home / "out" / "bevfusion-tiny"
     manifest = _check_version_dir(version_dir)
-    assert manifest["version"] == result["version"] == version_dir.name
+    assert manifest["version"] == first["version"] == version_dir.name
+    assert manifest["flow_run_id"] == first["flow_run_id"]
+    assert json.loads((home / "out" / "bevfusion-tiny" / "latest.json").read_text())["version"] == first["version"]
 
-    # The reference-compatible pickle and the portable state dict both load.
     exported = torch.load(version_dir / "model.pth", weights_only=False)
     state = torch.load(version_dir / "state_dict.pth", weights_only=True)
     assert set(exported.module.state_dict()) == set(state)
-    assert any(k.endswith("_input_quantizer._amax") for k in state)
 
-    # Same inputs, same version: the second run reuses the complete directory.
+    # The run's artifacts, read back through the API.
+    import asyncio
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first["flow_run_id"]]))
+            )
+
+    kinds = {}
+    for a in asyncio.run(artifacts()):
+        kinds.setdefault(a.type, []).append(a)
+    assert {"table", "markdown", "progress", "image"} <= kinds.keys()
+    assert [a.data for a in kinds["progress"]] == [100.0]
+    summary = next(a.data for a in kinds["markdown"] if a.key == "ptq-summary")
+    assert first["version"] in summary and "| calibrate |" in summary and "camera BEV" in summary
+    table = next(a for a in kinds["table"] if a.key == "quantizer-status")
+    assert "layer3-lateral0" in str(table.data)
+
     again = ptq(params)
-    assert again["version"] == result["version"] and again["reused"]
+    assert _states(again["flow_run_id"]) == {s: "Cached" for s in STAGES}
+    assert again["version"] == first["version"] and again["path"] == first["path"]
+    assert _files(Path(again["path"])) == _files(version_dir)
+    assert sorted(p.name for p in version_dir.parent.iterdir() if p.is_dir()) == [first["version"]]
+
+
+@pytest.mark.slow
+def test_changed_method_reruns_only_calibrate_and_what_follows(prefect_api, home):
+    from flows.ptq import ptq
+
+    result = ptq(_params(home, calib_method="percentile"))
+    states = _states(result["flow_run_id"])
+    assert states == {
+        "prepare-checkpoint": "Cached", "build-dataset": "Cached", "load-model": "Cached",
+        "insert-quantizers": "Cached", "fuse-bn": "Cached",
+        "calibrate": "Completed", "fidelity-report": "Completed", "save-artifacts": "Completed",
+    }
+    # A new version next to the first; latest moved to it.
+    versions = [p for p in (home / "out" / "bevfusion-tiny").iterdir() if p.is_dir()]
+    assert len(versions) == 2
+    latest = json.loads((home / "out" / "bevfusion-tiny" / "latest.json").read_text())
+    assert latest["version"] == result["version"]
+
+
+@pytest.mark.slow
+def test_fault_at_batch_k_resumes_from_the_saved_state(prefect_api, home, monkeypatch, no_retry_delay, tmp_path):
+    """4 batches, state saved every 2, failure injected after batch 3: the retry collects
+    batches 3 and 4 only (1 recomputed) and the amax equals the uninterrupted run's."""
+    from flows.ptq import ptq
+
+    ptq(_params(home))  # the uninterrupted run (cached from the first test when run with it)
+    fresh = tmp_path / "fresh"
+    monkeypatch.setenv("BEVFUSION_PTQ_HOME", str(fresh))
+    monkeypatch.setenv(stages.FAIL_AT_BATCH_ENV, "3")
+    result = ptq(_params(home, calib_checkpoint_every=2))
+    run = _task_runs(result["flow_run_id"])["calibrate"]
+    assert run.state.name == "Completed" and run.run_count == 2
+    (key,) = [p.name for p in (fresh / "work" / "calibrate").iterdir()]
+    # Content keys: the same inputs in another state directory give the same key (the
+    # checkpoint interval is not an input).
+    assert (home / "work" / "calibrate" / key / "model.pt").is_file()
+    resumed = json.loads((fresh / "work" / "calibrate" / key / "stage.json").read_text())
+    assert resumed["made_from"]["resumed_from"] == 2 and resumed["made_from"]["collected"] == 2
+    ours, theirs = _calibrated_amax(fresh, key), _calibrated_amax(home, key)
+    assert ours.keys() == theirs.keys() and len(ours) >= 120  # shared quantizers appear under every path
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert not (fresh / "work" / "calibrate" / key / "calibration-state.pt").exists()
+
+
+@pytest.mark.slow
+def test_bad_checkpoint_fails_at_once_naming_the_key(prefect_api, home, tmp_path):
+    from bevfusion_ptq.model.checkpoint import make_checkpoint
+    from bevfusion_ptq.model.config import load_config
+    from flows.ptq import ptq
+
+    path = tmp_path / "broken.pth"
+    make_checkpoint(path, load_config("bevfusion-tiny"), seed=1)
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["state_dict"]["fuser.0.weight"]
+    torch.save(ckpt, path)
+    state = ptq(_params(home, checkpoint=str(path)), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(CheckpointError, match="fuser.0.weight"):
+        state.result()
+    load = _task_runs(str(state.state_details.flow_run_id))["load-model"]
+    assert load.state.name == "Failed" and load.run_count == 1
+
+
+@pytest.mark.slow
+def test_two_identical_runs_started_together_calibrate_once(prefect_api, tmp_path):
+    """Two CLI processes, one Prefect server, one state directory: one calibrates, one waits
+    on the lock and takes its result."""
+    env = {**os.environ, "BEVFUSION_PTQ_HOME": str(tmp_path / "state"), "PREFECT_API_URL": prefect_api}
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--output", str(tmp_path / "out"),
+           "--calib-batches", "2", "--fidelity-batches", "1", "--device", "cpu"]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    import asyncio
+
+    async def calibrate_runs():
+        async with get_client() as client:
+            return [r for r in await client.read_task_runs() if r.name.startswith("calibrate-") and r.created >= started]
+
+    assert sorted(r.state.name for r in asyncio.run(calibrate_runs())) == ["Cached", "Completed"]
+    versions = [p.name for p in (tmp_path / "out" / "bevfusion-tiny").iterdir() if p.is_dir()]
+    assert len(versions) == 1
 
 
 def test_cli_run_with_embedded_defaults(tmp_path):
@@ -72,14 +246,17 @@ def test_cli_run_with_embedded_defaults(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["BEVFUSION_PTQ_HOME"] = str(tmp_path / "state")
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--output", str(tmp_path / "artifacts"), "--calib-batches", "2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "flows.cli", "run", "--output", str(tmp_path / "artifacts"), "--calib-batches", "2",
+         "--fidelity-batches", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "artifacts written to" in proc.stdout
-    versions = list((tmp_path / "artifacts" / "bevfusion-tiny").iterdir())
+    versions = [p for p in (tmp_path / "artifacts" / "bevfusion-tiny").iterdir() if p.is_dir()]
     assert len(versions) == 1
     _check_version_dir(versions[0])
+    # Progress lines of the library reach the console, with rate and ETA.
+    assert "calibration batch 2/2" in proc.stderr and "ETA" in proc.stderr
     # Prefect state stayed under our state directory, not in ~/.prefect.
     assert (tmp_path / "state" / "prefect").is_dir()
 

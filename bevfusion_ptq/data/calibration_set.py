@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from bevfusion_ptq.data.batch import collate
 from bevfusion_ptq.data.infos import SampleRecord, read_info_file
@@ -84,15 +84,21 @@ class CalibrationSet:
         pin_memory: bool | None = None,
         prefetch_factor: int = 4,
         persistent_workers: bool = True,
+        start: int = 0,
     ) -> DataLoader:
-        """Batch-size-1 loader in the set's order.
+        """Batch-size-1 loader in the set's order, from sample ``start`` on.
 
         Workers decode JPEGs while the model runs; ``pin_memory`` (default: when CUDA is
         available) lets :func:`~bevfusion_ptq.data.batch.move_batch` copy without blocking.
+        ``start`` serves a resumed calibration the samples it has not seen; each keeps its
+        position in the set, so seeded augmentations are those of an uninterrupted run.
         """
         workers = max(0, int(num_workers))
+        dataset = self.dataset()
+        if start:
+            dataset = Subset(dataset, range(start, len(dataset)))
         return DataLoader(
-            self.dataset(),
+            dataset,
             batch_size=1,
             shuffle=False,
             num_workers=workers,

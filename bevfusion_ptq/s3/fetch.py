@@ -23,7 +23,7 @@ from bevfusion_ptq.s3.client import make_client, transfer_config as default_tran
 from bevfusion_ptq.s3.latest import read_latest
 from bevfusion_ptq.s3.manifest import MANIFEST, check_file, digests, parse_manifest, safe_name
 from bevfusion_ptq.s3.store import Store, open_store
-from bevfusion_ptq.s3.url import parse_url
+from bevfusion_ptq.s3.url import Location, parse_url
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +173,7 @@ def download_checkpoint(url: str, dest_dir: str | Path, *, client: Any = None,
     sidecar = dest.with_name(f".{dest.name}.s3.json")
     with translated(f"downloading {loc}", FetchError):
         client = client or make_client()
-        try:
-            head = client.head_object(Bucket=loc.bucket, Key=loc.key())
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                raise FetchError(f"no object at {loc}") from None
-            raise
+        head = _head_object(client, loc)
         stamp = {"url": str(loc), "etag": head["ETag"], "size": head["ContentLength"]}
         if dest.is_file() and sidecar.is_file() and dest.stat().st_size == stamp["size"]:
             if json.loads(sidecar.read_text()) == stamp:
@@ -198,3 +193,23 @@ def download_checkpoint(url: str, dest_dir: str | Path, *, client: Any = None,
         sidecar.write_text(json.dumps(stamp))
     log.info("downloaded %s to %s", loc, dest)
     return dest
+
+
+def remote_identity(url: str, *, client: Any = None) -> dict[str, Any]:
+    """ETag and size of ``s3://bucket/key`` by one HEAD request: a cache key for a remote file
+    that does not need downloading it first."""
+    loc = parse_url(url)
+    if not loc.is_s3 or not loc.key():
+        raise ConfigError(f"expected s3://bucket/key, got {url!r}")
+    with translated(f"reading {loc}", FetchError):
+        head = _head_object(client or make_client(), loc)
+    return {"etag": head["ETag"], "size": head["ContentLength"]}
+
+
+def _head_object(client: Any, loc: Location) -> dict[str, Any]:
+    try:
+        return client.head_object(Bucket=loc.bucket, Key=loc.key())
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            raise FetchError(f"no object at {loc}") from None
+        raise

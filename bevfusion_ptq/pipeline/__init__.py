@@ -1,0 +1,48 @@
+"""The PTQ job as plain library calls, one module per stage.
+
+Each stage takes and returns small descriptors (:mod:`.refs`), so an orchestrator
+(``tasks/`` and ``flows/``) can run them as separate, cached steps, and a plain script can
+chain them directly::
+
+    ckpt = prepare_checkpoint(params)
+    data = prepare_dataset(params)
+    ref = load_model_stage(params, ckpt)
+    ref = insert_quantizers_stage(params, ref)
+    ref = fuse_bn_stage(params, ref)
+    ref = calibrate_stage(params, ref, data)
+    fid = fidelity_stage(params, ref, data)
+    saved = save_artifacts_stage(params, ref, ckpt, data, fid)
+
+Every stage has a ``*_key`` function over the same arguments (:mod:`.keys`): the content
+hash that names its work directory and serves as its cache key.
+"""
+
+from bevfusion_ptq.pipeline.calibrate_stage import CalibrationInterrupted, InjectedFault, calibrate_key, calibrate_stage
+from bevfusion_ptq.pipeline.fidelity_stage import fidelity_key, fidelity_stage
+from bevfusion_ptq.pipeline.inputs import (
+    config_identity,
+    prepare_checkpoint,
+    prepare_checkpoint_key,
+    prepare_dataset,
+    prepare_dataset_key,
+    resolve_device,
+)
+from bevfusion_ptq.pipeline.model_stages import (
+    fuse_bn_key,
+    fuse_bn_stage,
+    insert_quantizers_key,
+    insert_quantizers_stage,
+    load_model_key,
+    load_model_stage,
+)
+from bevfusion_ptq.pipeline.outputs import output_present
+from bevfusion_ptq.pipeline.refs import CheckpointRef, DatasetRef, FidelityRef, StageRef
+from bevfusion_ptq.pipeline.save_stage import local_root, save_artifacts_key, save_artifacts_stage, version_id
+
+__all__ = [
+    "CalibrationInterrupted", "CheckpointRef", "DatasetRef", "FidelityRef", "InjectedFault", "StageRef",
+    "calibrate_key", "calibrate_stage", "config_identity", "fidelity_key", "fidelity_stage", "fuse_bn_key",
+    "fuse_bn_stage", "insert_quantizers_key", "insert_quantizers_stage", "load_model_key", "load_model_stage",
+    "local_root", "output_present", "prepare_checkpoint", "prepare_checkpoint_key", "prepare_dataset",
+    "prepare_dataset_key", "resolve_device", "save_artifacts_key", "save_artifacts_stage", "version_id",
+]
