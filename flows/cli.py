@@ -30,6 +30,9 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         kwargs: dict = {"dest": name, "default": None, "help": field.description}
         annotation = field.annotation
+        optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if type(None) in typing.get_args(annotation) and len(optional) == 1:
+            annotation = optional[0]  # "X | None": the option takes an X
         args = typing.get_args(annotation)
         if typing.get_origin(annotation) is typing.Literal:
             kwargs["choices"] = list(args)
@@ -69,6 +72,11 @@ def use_local_prefect() -> None:
 def cmd_run(ns: argparse.Namespace) -> int:
     params = params_from_args(ns)
     use_local_prefect()
+    # The library's own log lines (calibration progress with rate and ETA, resumes) go to the
+    # console and to the Prefect run's logs like the tasks' lines.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "bevfusion_ptq")
+    if ns.refresh_cache:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
     from flows.ptq import ptq  # imports Prefect, after its environment is set
 
     result = ptq(params)
@@ -131,6 +139,69 @@ def cmd_make_dataset(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _s3_client(ns: argparse.Namespace):
+    """An explicit --endpoint-url client, else None: the library uses the AWS environment."""
+    from bevfusion_ptq.s3 import make_client
+
+    return make_client(endpoint_url=ns.endpoint_url) if ns.endpoint_url else None
+
+
+def cmd_publish(ns: argparse.Namespace) -> int:
+    from bevfusion_ptq.s3 import publish_version
+
+    r = publish_version(ns.version_dir, ns.url, sse=ns.sse, kms_key_id=ns.kms_key_id, client=_s3_client(ns))
+    state = "already published at" if r.reused else "published to"
+    print(f"{r.model} {r.version} {state} {r.url} (latest {'moved' if r.latest_updated else 'unchanged'})")
+    return 0
+
+
+def cmd_fetch(ns: argparse.Namespace) -> int:
+    from bevfusion_ptq.s3 import fetch_version
+
+    path = fetch_version(ns.url, ns.version, ns.to, client=_s3_client(ns))
+    print(f"fetched and verified {path}")
+    return 0
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    import json
+
+    from bevfusion_ptq.s3 import list_versions
+
+    rows = list_versions(ns.url, client=_s3_client(ns))
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        if not r["complete"]:
+            print(f"  {r['version']:<18} (unfinished: no manifest)")
+            continue
+        mark = "*" if r["latest"] else " "
+        print(f"{mark} {r['version']:<18} {r['created_at']}  {r['size'] / 1e6:8.1f} MB  {r['summary']}")
+    if not rows:
+        print(f"no versions under {ns.url}")
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from flows.serve import PREFECT_FILE, serve_deployments
+
+    serve_deployments(Path(ns.prefect_file) if ns.prefect_file else PREFECT_FILE, limit=ns.limit)
+    return 0
+
+
+def cmd_announce_checkpoint(ns: argparse.Namespace) -> int:
+    if ns.checkpoint not in (None, ns.url):
+        raise ConfigError("announce-checkpoint takes the checkpoint as URL, not as --checkpoint")
+    ns.checkpoint = ns.url
+    params = params_from_args(ns)  # refuse a bad event here, not in a failed run later
+    from flows.serve import announce_checkpoint
+
+    event = announce_checkpoint(ns.url, params)
+    print(f"emitted {event.event} {event.id} for {ns.url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bevfusion-ptq",
@@ -141,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the PTQ flow (embedded defaults: tiny model, generated data)")
     _add_param_options(run)
+    run.add_argument("--refresh-cache", action="store_true",
+                     help="recompute every stage even when a cached result exists (e.g. after cleaning work files)")
     run.set_defaults(func=cmd_run)
 
     mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the reference layout")
@@ -171,16 +244,51 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--frames", type=int, default=10)
     ds.add_argument("--seed", type=int, default=0)
     ds.set_defaults(func=cmd_make_dataset)
+
+    endpoint = argparse.ArgumentParser(add_help=False)
+    endpoint.add_argument("--endpoint-url",
+                          help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / the AWS config)")
+    pub = sub.add_parser("publish", parents=[endpoint],
+                         help="publish a saved version directory to s3://bucket/prefix or a local root")
+    pub.add_argument("version_dir", metavar="LOCAL_VERSION_DIR")
+    pub.add_argument("url", metavar="URL")
+    pub.add_argument("--sse", choices=["AES256", "aws:kms"], help="server-side encryption")
+    pub.add_argument("--kms-key-id", help="KMS key id or ARN for --sse aws:kms")
+    pub.set_defaults(func=cmd_publish)
+
+    fe = sub.add_parser("fetch", parents=[endpoint], help="download a version and verify it against its manifest")
+    fe.add_argument("url", metavar="URL", help="s3://bucket/prefix/<model> or a local <root>/<model>")
+    fe.add_argument("--version", default="latest", help="latest (default) or a version id")
+    fe.add_argument("--to", required=True, metavar="DIR", help="the version lands in DIR/<version>/")
+    fe.set_defaults(func=cmd_fetch)
+
+    ls = sub.add_parser("list", parents=[endpoint], help="list versions with creation time and inputs")
+    ls.add_argument("url", metavar="URL", help="s3://bucket/prefix/<model> or a local <root>/<model>")
+    ls.add_argument("--json", action="store_true", help="machine-readable list")
+    ls.set_defaults(func=cmd_list)
+
+    srv = sub.add_parser("serve", help="serve the deployments of deployments/prefect.yaml from this process "
+                         "(schedule and event trigger; no work pool or worker); needs PREFECT_API_URL")
+    srv.add_argument("--prefect-file", help="deployment file (default: the checkout's deployments/prefect.yaml)")
+    srv.add_argument("--limit", type=int, help="most flow runs at once (default: no limit)")
+    srv.set_defaults(func=cmd_serve)
+
+    ann = sub.add_parser("announce-checkpoint", help="emit bevfusion.checkpoint.created, which starts "
+                         "ptq-on-demand; run options given here travel in the event; needs PREFECT_API_URL")
+    ann.add_argument("url", metavar="URL", help="the new checkpoint: a local path or s3:// URL")
+    _add_param_options(ann)
+    ann.set_defaults(func=cmd_announce_checkpoint)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if ns.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.DEBUG if ns.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Importing pytorch-quantization put absl's handler on the root logger at WARNING, which
+    # makes basicConfig a no-op: our own loggers get their level explicitly.
+    logging.getLogger("bevfusion_ptq").setLevel(level)
     func: Callable[[argparse.Namespace], int] = ns.func
     try:
         return func(ns)
