@@ -168,7 +168,11 @@ class DepthLSSTransform(BaseModule):
 
         Points are taken back to the un-augmented lidar frame, projected with
         ``lidar2image``, then moved by the image augmentation. Pixels without a point stay
-        0; points behind a camera are skipped.
+        0; points behind a camera are skipped. Where several points land on one pixel the
+        nearest wins. The reference writes them with an indexed assignment, whose winner is
+        whichever write lands last (it varies between runs on multi-threaded CPUs and on
+        GPUs); the nearest point is what a depth image shows, and makes calibration
+        reproducible.
         """
         batch, cams = lidar2image.shape[:2]
         ih, iw = self.image_size
@@ -186,7 +190,10 @@ class DepthLSSTransform(BaseModule):
             u, v = uvz[:, 0, :], uvz[:, 1, :]
             on_img = (dist > 0) & (u >= 0) & (u < iw) & (v >= 0) & (v < ih)
             cam_idx, pt_idx = on_img.nonzero(as_tuple=True)
-            depth[b, cam_idx, 0, v[cam_idx, pt_idx].long(), u[cam_idx, pt_idx].long()] = dist[cam_idx, pt_idx]
+            pixel = (cam_idx * ih + v[cam_idx, pt_idx].long()) * iw + u[cam_idx, pt_idx].long()
+            nearest = torch.full((cams * ih * iw,), float("inf"), dtype=ref.dtype, device=ref.device)
+            nearest.scatter_reduce_(0, pixel, dist[cam_idx, pt_idx], reduce="amin")
+            depth[b, :, 0] = torch.where(torch.isinf(nearest), 0.0, nearest).view(cams, ih, iw)
         return depth
 
     # ----------------------------------------------------------------- lift & splat
