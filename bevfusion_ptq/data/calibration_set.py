@@ -83,7 +83,7 @@ class CalibrationSet:
         num_workers: int = 2,
         pin_memory: bool | None = None,
         prefetch_factor: int = 4,
-        persistent_workers: bool = True,
+        persistent_workers: bool = False,
         start: int = 0,
     ) -> DataLoader:
         """Batch-size-1 loader in the set's order, from sample ``start`` on.
@@ -92,6 +92,9 @@ class CalibrationSet:
         available) lets :func:`~bevfusion_ptq.data.batch.move_batch` copy without blocking.
         ``start`` serves a resumed calibration the samples it has not seen; each keeps its
         position in the set, so seeded augmentations are those of an uninterrupted run.
+        Workers end with the pass over the data unless ``persistent_workers`` (calibration
+        reads the set once; a forked worker can hold as much memory as the process that
+        forked it, so idle ones must not pile up in a long-lived worker process).
         """
         workers = max(0, int(num_workers))
         dataset = self.dataset()
