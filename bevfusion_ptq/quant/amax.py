@@ -137,7 +137,7 @@ def mse_amax(
     # so only the smallest needs a look (one device sync, not one per chunk).
     any_zero_amax = bool(centers[start_bin] <= _ZERO_AMAX_EPSILON)
     rows = _chunk_size(num_bins, chunk_elements)
-    errors = []
+    error = torch.empty(candidates.numel(), dtype=torch.float32, device=device)
     for begin in range(0, candidates.numel(), rows):
         amax = centers[candidates[slice(begin, begin + rows)]].unsqueeze(1)  # [m, 1]
         scale = max_bound / amax
@@ -149,9 +149,8 @@ def mse_amax(
         else:
             quant_scale = out_scale = scale
         # The library's expression, in place: ((round(c*s).clamp(-b, b) / s - c)**2 * n).mean()
-        error = (centers * quant_scale).round_().clamp_(min_bound, bound).div_(out_scale).sub_(centers)
-        errors.append(error.pow_(2).mul_(counts).mean(dim=1))
-    error = torch.cat(errors)
+        chunk = (centers * quant_scale).round_().clamp_(min_bound, bound).div_(out_scale).sub_(centers)
+        error[begin:begin + rows] = chunk.pow_(2).mul_(counts).mean(dim=1)
     # np.argmin semantics: the first nan if any, else the first minimum.
     nan = torch.isnan(error)
     if bool(nan.any()):
