@@ -17,24 +17,11 @@ from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from bevfusion_ptq.errors import PTQError, TransientStorageError
 from bevfusion_ptq.s3 import publish_version
+from tasks.retries import retry_unless_input_error
 
 
-def retry_transient(task, task_run, state) -> bool:
-    """Retry outages and unknown failures; never input errors, which would fail the same way."""
-    try:
-        state.result()
-    except TransientStorageError:
-        return True
-    except PTQError:
-        return False
-    except Exception:  # noqa: BLE001 - anything else may be transient
-        return True
-    return True
-
-
-@task(name="publish", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_transient,
+@task(name="publish", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_input_error,
       cache_policy=NO_CACHE)
 def publish(version_dir: str, url: str, sse: str | None = None, kms_key_id: str | None = None) -> dict:
     """Publish a saved version directory to ``url`` and link the published version."""

@@ -44,20 +44,10 @@ from bevfusion_ptq.artifacts import SavedVersion
 from bevfusion_ptq.errors import PTQError
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.workdir import state_dir
+from tasks.retries import retry_unless_input_error
 
 FAIL_AT_BATCH_ENV = "BEVFUSION_PTQ_FAIL_AT_BATCH"
 CALIBRATE_TIMEOUT_S = 6 * 3600
-
-
-def retry_unless_input_error(task: Task, task_run: Any, state: Any) -> bool:
-    """Retry only failures that another attempt might not repeat."""
-    try:
-        state.result()
-    except PTQError:
-        return False
-    except Exception:  # noqa: BLE001 - anything else (OOM, a killed worker) may be transient
-        return True
-    return True
 
 
 def _keyed(key_fn: Callable[..., str]) -> CacheKeyFnPolicy:
