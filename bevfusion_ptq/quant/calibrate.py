@@ -2,13 +2,27 @@
 
 The caller owns the data: ``calibrate`` only asks for an iterable of batches and, if the
 model is not a BEVFusion, a function that runs one batch through the quantized part.
+
+Calibration is the step users wait for on a GPU, so collection is arranged to cost about
+one forward pass per batch (``bench/calibration.py`` measures it):
+
+* the forward stops at the decoder (:func:`default_forward`);
+* the calibrators are sync-free twins of pytorch-quantization's
+  (:mod:`bevfusion_ptq.quant.histogram`). The host reads their state once per batch, to
+  catch non-finite activations (naming quantizer and batch) and to size histogram buffers;
+* on CUDA, the next batch is copied to the device on a side stream while the current one
+  runs, cuDNN picks its fastest algorithms for the fixed calibration shapes
+  (``cudnn.benchmark``), and TF32 is off: convolutions compute in full FP32, so the
+  statistics do not depend on a precision switch (nobody has shown that TF32 leaves the
+  amax unchanged).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +34,7 @@ from torch import nn
 from bevfusion_ptq.data.batch import move_batch
 from bevfusion_ptq.errors import CalibrationError
 from bevfusion_ptq.quant import compat
+from bevfusion_ptq.quant.histogram import CollectSession
 
 log = logging.getLogger(__name__)
 
@@ -55,32 +70,87 @@ def _calibrated_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]
     return [(n, q) for n, q in compat.iter_quantizers(model) if getattr(q, "_calibrator", None) is not None]
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @contextmanager
-def _finite_check(quantizers: list[tuple[str, TensorQuantizer]], batch: list[int]) -> Iterator[None]:
-    """Fail at the first non-finite tensor a calibrator would see, naming quantizer and batch.
+def _calibration_backends(device: torch.device) -> Iterator[None]:
+    """cuDNN autotuning on and TF32 off while collecting on CUDA; the caller's flags after.
 
-    A NaN or inf poisons a histogram for good (every later amax is garbage), and
-    pytorch-quantization only fails much later with an unrelated range error, if at all.
+    Calibration batches all have one shape, so cuDNN's benchmark pays for itself on the
+    first batch. TF32 (on by default for cuDNN convolutions) would round every convolution's
+    inputs to 10 mantissa bits and move the activation statistics with a global switch.
     """
-
-    def check(name: str) -> Callable[[nn.Module, tuple], None]:
-        def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if isinstance(x, torch.Tensor) and not bool(torch.isfinite(x).all()):
-                bad = int((~torch.isfinite(x)).sum())
-                raise CalibrationError(
-                    f"non-finite activations at quantizer {name} in calibration batch {batch[0]} "
-                    f"({bad} of {x.numel()} values are NaN or inf)"
-                )
-
-        return hook
-
-    handles = [q.register_forward_pre_hook(check(name)) for name, q in quantizers]
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved
+
+
+class _Staged:
+    """A batch whose copy to the device was started on a side stream."""
+
+    def __init__(self, batch: Any, event: Any) -> None:
+        self.batch, self.event = batch, event
+
+    def ready(self, device: torch.device) -> Any:
+        """Make the compute stream wait for the copy (on the device, not the host)."""
+        if self.event is not None:
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(self.event)
+            for value in self.batch.values():
+                for tensor in value if isinstance(value, list) else [value]:
+                    if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+                        tensor.record_stream(stream)  # the allocator must not reuse it early
+            self.event = None
+        return self.batch
+
+
+def _pinned(value: Any) -> Any:
+    """Page-locked copy of host tensors, so the device copy is truly asynchronous."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device.type != "cpu" or value.is_pinned() else value.pin_memory()
+    if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return [_pinned(v) for v in value]
+    return value
+
+
+class _Stager:
+    """Starts the host-to-device copy of dict batches on a side stream (CUDA only).
+
+    The copy of batch i+1 is issued right after batch i's forward returned, so it overlaps
+    the tail of that forward on the GPU instead of delaying the next one. Other batches,
+    and every batch on the CPU, pass through untouched for ``forward`` to handle.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, batch: Any) -> _Staged:
+        if self.stream is None or not isinstance(batch, Mapping):
+            return _Staged(batch, None)
+        with torch.cuda.stream(self.stream):
+            moved = move_batch({k: _pinned(v) for k, v in batch.items()}, self.device)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return _Staged(moved, event)
+
+
+# A batch is collected again only for histograms that outgrew their buffers; a second
+# overflow of the same batch would need nondeterministic activations.
+_MAX_REDO = 3
 
 
 def collect(
@@ -95,27 +165,51 @@ def collect(
     """Feed batches ``start .. num_batches-1`` with quantization off and calibrators on.
 
     The reference's loop runs one batch more than asked (it checks the count after the
-    forward); we stop at ``num_batches``. ``start`` > 0 continues an imported calibration
-    state: ``batches`` then yields only the batches not seen yet. ``progress(seen, total)``
-    runs after every batch (the orchestration checkpoints from it). Returns the number of
-    batches seen in total.
+    forward); we stop at ``num_batches`` and take no more than that from ``batches``.
+    ``start`` > 0 continues an imported calibration state: ``batches`` then yields only the
+    batches not seen yet. ``progress(seen, total)`` runs after every batch, once that
+    batch's statistics are checked (the orchestration checkpoints from it). Returns the
+    number of batches seen in total.
+
+    Non-finite activations fail with :class:`CalibrationError` naming the first quantizer
+    (in forward order) that saw them and the batch, before ``progress`` hears of that batch:
+    a NaN or inf poisons a histogram for good, and pytorch-quantization would only fail much
+    later with an unrelated range error, if at all.
     """
     quantizers = _calibrated_quantizers(model)
+    device = _model_device(model)
     for _, q in quantizers:
         q.disable_quant()
         q.enable_calib()
     model.eval()
     started = time.perf_counter()
     seen = start
-    current = [start]
     every = max(1, num_batches // 10)
+    stage = _Stager(device)
+    source = iter(itertools.islice(batches, max(0, num_batches - start)))
     try:
-        with torch.no_grad(), _finite_check(quantizers, current):
-            for batch in batches:
-                if seen >= num_batches:
-                    break
-                current[0] = seen
+        with torch.no_grad(), _calibration_backends(device), CollectSession(quantizers, device) as session:
+            first = next(source, None)
+            staged = None if first is None else stage(first)
+            while staged is not None:
+                batch = staged.ready(device)
+                session.begin_batch()
                 forward(model, batch)
+                # Start the next copy now: it overlaps the tail of this forward.
+                following = next(source, None) if seen + 1 < num_batches else None
+                staged = None if following is None else stage(following)
+                redo = session.end_batch(seen)
+                for _ in range(_MAX_REDO):
+                    if not redo:
+                        break
+                    session.prepare_redo(redo)
+                    try:
+                        forward(model, batch)
+                    finally:
+                        session.finish_redo()
+                    redo = session.end_batch(seen)
+                if redo:
+                    raise CalibrationError(f"histogram buffers kept overflowing in calibration batch {seen}")
                 seen += 1
                 if seen == num_batches or seen % every == 0:
                     elapsed = time.perf_counter() - started

@@ -1,0 +1,777 @@
+"""Calibration statistics collected on the device, without a host sync per quantizer.
+
+Why: pytorch-quantization's calibrators ask the host a question on every call. Its
+``HistogramCalibrator.collect`` evaluates ``torch.min(x) < 0``, ``x_max > edges[-1]`` and
+hands ``torch.histc`` tensor bounds (each one a ``.item()``), and ``MaxCalibrator.collect``
+evaluates ``torch.min(x) < 0`` too. On a GPU each question drains the launch queue. For
+BEVFusion-R50 that is about 400 stalls per calibration batch, and weight quantizers redo
+the same per-channel max on every batch although the weights never change.
+
+What stays the same: the histogram. It is pytorch-quantization's ``torch_hist``
+histogram of ``|x|``, with the same bins and the same counts:
+
+* the bin width ``w`` is the first tensor's max divided by ``num_bins`` (2048);
+* a value goes to bin ``floor(|x| / w)``, and a value that would land on the current top
+  bin count ``nb`` goes to bin ``nb - 1`` (``histc`` puts its upper edge in the last bin);
+* ``nb`` grows to ``ceil(max / w)`` when a larger max arrives, and earlier counts keep their
+  bin indices (the library's ``hist[:old] += old_hist``).
+
+While the range has not grown this is exactly the library's arithmetic: it computes
+``(|x| * 2048) / max0``, and ``max0 = 2048 * w`` exactly, so the quotient is the same float.
+After growth the library bins with ``(|x| * nb) / edges[-1]``, where ``edges[-1]`` is
+``arange``'s last edge, about ``nb * w``. We keep dividing by ``w``. A value can then land
+one bin away from the library's bin in three cases: when the two quotients round to the two
+sides of a bin edge; when ``arange`` made one edge too many, so the library's top edge is
+``(nb + 1) * w`` and its bins are stretched; and when the grown top edge rounds below the
+new max, where the library drops that value and we count it in the last bin. The tests
+check the counts against the library's within one bin, and the amax.
+
+How, with no per-call sync:
+
+* The bin width and ``nb`` are device scalars, and the counts live in a fixed-size buffer
+  of ``C`` bins on the device (its capacity).
+* On CUDA, two Triton kernels do a call. The first reads ``x`` once: it bins
+  ``floor(|x| / w)`` with IEEE division, as torch divides. Each program counts its values
+  in the lowest 256 bins with ``tl.histogram`` and adds one atomic per non-empty bin;
+  nearly all of an activation's mass lies there. The rarer values further out take one
+  relaxed atomic each. The kernel also keeps a running max of ``|x| / w`` and a
+  non-finite flag. The second kernel (one program) sets ``nb = max(nb, ceil(max))`` and
+  moves a value lying exactly on the new top edge to bin ``nb - 1``.
+  ``torch.histc`` was the bottleneck: about 120 ms per R50 batch on an H200, 1.6 times
+  the whole forward. Its kernel runs few blocks once the bins fill shared memory, and a
+  ReLU output's zeros all hit one shared-memory address. These kernels take about 60 ms
+  there, most of it in ``tl.histogram``: still the largest cost of collection
+  (``bench/calibration.py`` prints the profile). Both kernels are compiled and checked on a
+  tiny known case at first use; a failure logs a warning and selects the torch ops.
+* Elsewhere (CPU, or a torch without Triton) the same bins come from torch ops: ``abs``,
+  one division, ``amax``, a clamp to ``nb - 0.5`` and ``histc(t, C, 0, C)``. ``C`` is a
+  power of two, so ``histc``'s own arithmetic leaves ``floor(t)`` unchanged. ``histc`` keeps
+  its bins in shared memory up to 12285 float bins (48 KiB), so a buffer holds
+  :data:`NEAR_BINS` = 8192 bins, and a larger buffer adds a second ``histc`` over the far
+  bins, where few values fall. Both paths give identical counts (tested under Triton's
+  interpreter and on the GPU).
+* A :class:`CollectSession` reads the scalars of every calibrator once per batch, in one
+  small copy. That one read finds non-finite activations: a NaN or inf makes ``nb``
+  non-finite for good, so the read names the quantizer (the first in call order) and the
+  batch, before the caller can save a poisoned state. It also grows buffers that are half
+  full.
+* Buffer sizes are settled in a calibrator's first batch, which checks ``nb`` after every
+  call (a sync per call, that batch only): some ranges grow tenfold within a batch, e.g. a
+  residual add quantizes a small conv output and then the large identity with one
+  quantizer. If a later batch still grows a range past its buffer, the session restores
+  those calibrators from the device copy taken before the batch, enlarges their buffers and
+  runs the batch again for them alone. The result is exact.
+* A weight quantizer sees the same parameter on every batch. Its max calibrator skips a
+  tensor that it has already seen: the same object, the same version counter and the same
+  storage. Max is idempotent, so the amax is unchanged.
+
+Outside a session these calibrators still work: they size their buffer with a sync on
+every call, and nothing checks for non-finite values. The statistics stay
+readable and writable through pytorch-quantization's own attributes (``_calib_hist``,
+``_calib_bin_edges``, ``_num_bins``, ``_calib_amax``), so :mod:`.calib_state` and
+:mod:`.compat` see an ordinary calibrator. Reading those attributes costs one sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pytorch_quantization import calib
+from pytorch_quantization import utils as quant_utils
+from pytorch_quantization.nn import TensorQuantizer
+from torch import Tensor
+
+from bevfusion_ptq.errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+#: Bins of one ``histc`` call that stay in shared memory on CUDA: the kernel needs
+#: ``bins * 4 + 8`` bytes under the 48 KiB per-block default. A power of two, so that
+#: ``histc(t, NEAR_BINS, 0, NEAR_BINS)`` bins at ``floor(t)`` exactly.
+NEAR_BINS = 8192
+
+#: Largest tensor turned into a float32 temporary in one piece. A larger contiguous tensor
+#: is binned in chunks, so that calibration adds at most 64 MiB to the forward's peak memory.
+CHUNK_ELEMENTS = 1 << 24
+
+#: pytorch-quantization's bin count for activation histograms (TensorQuantizer's default).
+DEFAULT_BINS = 2048
+
+#: Device scalars per calibrator: [bin width, nb, running max of |x| / width, non-finite seen].
+STATE_WIDTH = 4
+
+
+# ------------------------------------------------------------------ Triton kernels (CUDA)
+try:  # Triton ships with CUDA builds of torch; CPU-only builds have none and use torch ops
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+#: ``torch`` forces the torch-op path on CUDA too (A/B measurements, or a Triton problem).
+BACKEND_ENV = "BEVFUSION_PTQ_HISTOGRAM"
+
+# Elements per program of the counting kernel, and the low bins it counts in registers
+# (tl.histogram) before one atomic per bin; values past them take one atomic each. Most of
+# an activation's mass lies far below its max, so nearly every value falls in the window.
+_COUNT_BLOCK = 4096
+_LOW_BINS = 256
+
+
+if triton is not None:
+
+    @triton.jit
+    def _count_kernel(x_ptr, n, state_ptr, grid_ptr, capacity, BLOCK: tl.constexpr, LOW: tl.constexpr):
+        """Add floor(|x| / width) of a block to the counts; track max and non-finite values.
+
+        state = [width, nb, running max of |x| / width, non-finite seen]. A program counts
+        its values below bin LOW with tl.histogram and adds those counts with one relaxed
+        atomic per non-empty bin; rarer values further out take one atomic each.
+        """
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        width = tl.load(state_ptr)
+        t = tl.math.div_rn(tl.abs(x), width)  # IEEE division, as torch's
+        bad = inside & ((t != t) | (t == float("inf")))
+        good = inside & (t == t) & (t != float("inf"))
+        tl.atomic_max(state_ptr + 2, tl.max(tl.where(good, t, 0.0), axis=0), sem="relaxed")
+        tl.atomic_max(state_ptr + 3, tl.max(bad.to(tl.float32), axis=0), sem="relaxed")
+        counted = good & (t < capacity)
+        bins = tl.where(counted, t, 0.0).to(tl.int32)
+        low = counted & (bins < LOW)
+        counts = tl.histogram(bins, LOW, mask=low)
+        tl.atomic_add(grid_ptr + tl.arange(0, LOW), counts.to(tl.float32), mask=counts > 0, sem="relaxed")
+        tl.atomic_add(grid_ptr + bins, tl.full([BLOCK], 1.0, tl.float32), mask=counted & (bins >= LOW),
+                      sem="relaxed")
+
+    @triton.jit
+    def _finish_kernel(grid_ptr, state_ptr, capacity):
+        """Set nb = max(nb, ceil(running max)), NaN once a non-finite value was seen, and fold
+        a value lying exactly on the new top edge (bin nb) into bin nb - 1, as histc puts its
+        upper edge in its last bin. Bins at or past nb held nothing before this call."""
+        nb = tl.load(state_ptr + 1)
+        top = tl.load(state_ptr + 2)
+        bad = tl.load(state_ptr + 3)
+        new_nb = tl.maximum(nb, tl.math.ceil(top))
+        new_nb = tl.where((nb != nb) | (bad > 0.0), float("nan"), new_nb)
+        tl.store(state_ptr + 1, new_nb)
+        edge = tl.where(new_nb == new_nb, new_nb, -1.0).to(tl.int32)
+        if (edge >= 1) & (edge < capacity):
+            moved = tl.load(grid_ptr + edge)
+            tl.store(grid_ptr + edge, 0.0)
+            tl.store(grid_ptr + edge - 1, tl.load(grid_ptr + edge - 1) + moved)
+
+
+_KERNELS_CHECKED: dict[str, bool] = {}
+
+
+def _kernels_work(device: torch.device) -> bool:
+    """Compile both kernels once per device type and check them on a tiny known case.
+
+    A Triton too old for ``tl.histogram``'s mask, or any other compile or runtime
+    problem, then costs a warning and the torch-op path, not a failed calibration.
+    """
+    key = device.type
+    if key not in _KERNELS_CHECKED:
+        try:
+            x = torch.tensor([0.0, 0.5, 1.5, 2.0, 4.0, 4.0, 300.0], device=device)
+            state = torch.tensor([1.0, 2.0, 0.0, 0.0], device=device)  # width 1, nb 2
+            grid = torch.zeros(NEAR_BINS, device=device)
+            _count_kernel[(1,)](x, x.numel(), state, grid, NEAR_BINS, BLOCK=_COUNT_BLOCK, LOW=_LOW_BINS, num_warps=8)
+            _finish_kernel[(1,)](grid, state, NEAR_BINS, num_warps=1)
+            # Bins 0 (0, 0.5), 1, 2 and 4 (twice) from the low window; 300 lies past it and on
+            # the new top edge (nb becomes 300), so it folds into bin 299.
+            expected = torch.zeros(NEAR_BINS)
+            expected[0], expected[1], expected[2], expected[4], expected[299] = 2, 1, 1, 2, 1
+            ok = torch.equal(grid.cpu(), expected) and state.cpu().tolist() == [1.0, 300.0, 300.0, 0.0]
+            if not ok:
+                log.warning("Triton histogram kernels gave wrong counts here; using torch ops")
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the torch ops
+            log.warning("Triton histogram kernels unavailable (%s); using torch ops", exc)
+            ok = False
+        _KERNELS_CHECKED[key] = ok
+    return _KERNELS_CHECKED[key]
+
+
+def kernels_available(device: torch.device) -> bool:
+    """Whether the Triton counting kernels serve tensors on ``device`` (checked once)."""
+    import os
+
+    if triton is None or os.environ.get(BACKEND_ENV, "").lower() == "torch":
+        return False
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return _kernels_work(device)  # on the CPU only under Triton's interpreter (tests)
+    return False
+
+
+def capacity_for(num_bins: int) -> int:
+    """Buffer size for a histogram of ``num_bins`` bins, with room to double.
+
+    Above :data:`NEAR_BINS`, a size is ``NEAR_BINS + 2**k``. The far ``histc`` then spans
+    a power of two as well, and keeps bin ``floor(t)`` exact.
+    """
+    need = 2 * max(1, num_bins)
+    if need <= NEAR_BINS:
+        return NEAR_BINS
+    far = NEAR_BINS
+    while NEAR_BINS + far < need:
+        far *= 2
+    return NEAR_BINS + far
+
+
+def _bins_to_tensor(values: Any) -> Tensor | None:
+    if values is None or isinstance(values, Tensor):
+        return values
+    return torch.as_tensor(values)
+
+
+class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
+    """pytorch-quantization's ``torch_hist`` histogram calibrator, without host syncs.
+
+    The statistics live on the device in a count buffer with a fixed capacity (see the
+    module docstring). The library's attributes ``_calib_hist``, ``_calib_bin_edges`` and
+    ``_num_bins`` are properties. Reading them builds the library's form once per
+    collection step. Writing them, as :mod:`.calib_state`'s import does, replaces the
+    statistics, and the next ``collect`` adopts them. Settings that our rules never use
+    (``skip_zeros``, ``torch_hist=False``) fall back to the library's own collect.
+    """
+
+    def __init__(
+        self,
+        num_bits: int = 8,
+        axis: Any = None,
+        unsigned: bool = False,
+        num_bins: int = DEFAULT_BINS,
+        grow_method: Any = None,
+        skip_zeros: bool = False,
+        torch_hist: bool = True,
+    ) -> None:
+        # The library form: what the properties hand out. It is authoritative while
+        # ``_on_device`` is False, and a cache of the device form otherwise.
+        self._lib: dict[str, Any] = {"hist": None, "edges": None, "num_bins": num_bins}
+        self._lib_valid = True
+        self._on_device = False
+        self._first_bins = num_bins
+        self._grid: Tensor | None = None  # counts, ``capacity`` bins, zero past ``nb``
+        self._scalars: Tensor | None = None  # [bin width, nb] on the device
+        self._width: Tensor | None = None  # views of the two scalars
+        self._nb: Tensor | None = None
+        self._slot: Tensor | None = None  # a session's row for the scalars, if bound
+        self._ready = False  # saw a tensor (host-side flag: no sync to know it)
+        self._sizing = True  # check the buffer size on every call (until a session clears it)
+        self._capacity = 0
+        self._min_capacity = 0
+        self.order: int | None = None  # first-call position within a batch (session sets it)
+        self.session: CollectSession | None = None
+        self.muted = False
+        super().__init__(num_bits, axis, unsigned, num_bins=num_bins, grow_method=grow_method,
+                         skip_zeros=skip_zeros, torch_hist=torch_hist)
+
+    # --------------------------------------------------------- the library's attributes
+    def _library_form(self) -> dict[str, Any]:
+        if not self._lib_valid:
+            self._lib = self._materialize()
+            self._lib_valid = True
+        return self._lib
+
+    def _set_library(self, key: str, value: Any) -> None:
+        if self._on_device:
+            self._library_form()  # keep the fields not being set
+            self._on_device = False
+            self._ready = False
+            self._grid = None
+        self._lib[key] = value
+
+    @property
+    def _calib_hist(self) -> Any:
+        return self._library_form()["hist"]
+
+    @_calib_hist.setter
+    def _calib_hist(self, value: Any) -> None:
+        self._set_library("hist", value)
+
+    @property
+    def _calib_bin_edges(self) -> Any:
+        return self._library_form()["edges"]
+
+    @_calib_bin_edges.setter
+    def _calib_bin_edges(self, value: Any) -> None:
+        self._set_library("edges", value)
+
+    @property
+    def _num_bins(self) -> int:
+        return self._library_form()["num_bins"]
+
+    @_num_bins.setter
+    def _num_bins(self, value: int) -> None:
+        self._set_library("num_bins", value)
+
+    # ------------------------------------------------------------------- conversions
+    @classmethod
+    def from_calibrator(cls, other: calib.HistogramCalibrator) -> SyncFreeHistogramCalibrator:
+        """A sync-free calibrator holding ``other``'s settings and statistics."""
+        hist, edges = other._calib_hist, other._calib_bin_edges
+        first = getattr(other, "_first_bins", None)
+        if first is None:
+            # A fresh library calibrator still has the bin count it was made with. One
+            # that already holds a histogram may have grown; TensorQuantizer makes 2048.
+            first = other._num_bins if hist is None else min(DEFAULT_BINS, int(other._num_bins))
+        new = cls(other._num_bits, other._axis, other._unsigned, num_bins=int(first),
+                  skip_zeros=other._skip_zeros, torch_hist=other._torch_hist)
+        if hist is not None:
+            new._lib = {"hist": hist, "edges": edges, "num_bins": int(other._num_bins)}
+        return new
+
+    def to_library(self) -> calib.HistogramCalibrator:
+        """A plain pytorch-quantization calibrator with these statistics (one sync)."""
+        lib = self._library_form()
+        plain = calib.HistogramCalibrator(self._num_bits, self._axis, self._unsigned,
+                                          num_bins=self._first_bins, skip_zeros=self._skip_zeros,
+                                          torch_hist=self._torch_hist)
+        plain._calib_hist, plain._calib_bin_edges, plain._num_bins = lib["hist"], lib["edges"], lib["num_bins"]
+        plain._first_bins = self._first_bins  # lets a later conversion pick the same edge form
+        return plain
+
+    def _materialize(self) -> dict[str, Any]:
+        """The library's form of the device statistics (one sync)."""
+        if not self._ready:
+            return {"hist": None, "edges": None, "num_bins": self._first_bins}
+        width_value, nb_value = self._scalars[:2].tolist()
+        if not (math.isfinite(width_value) and math.isfinite(nb_value)) or width_value <= 0:
+            raise CalibrationError(
+                "histogram statistics are unusable (non-finite activations, or only zeros in the first "
+                f"tensor): bin width {width_value}, bins {nb_value}"
+            )
+        nb = int(nb_value)
+        if nb > self._capacity:
+            raise CalibrationError(f"histogram grew to {nb} bins past its buffer of {self._capacity}")
+        hist = self._grid[:nb].clone()
+        if nb == self._first_bins:
+            # The library's first range: linspace(0, max0) on the CPU, max0 = nb * width.
+            edges = torch.linspace(0, width_value * nb, nb + 1)
+        else:
+            # After growth: the library's own arange(0, max + width, width) on the device,
+            # with an end that gives exactly nb + 1 edges.
+            edges = torch.arange(0, (nb + 0.5) * width_value, width_value, dtype=torch.float32,
+                                 device=self._grid.device)
+        return {"hist": hist, "edges": edges, "num_bins": nb}
+
+    def _adopt_library_form(self, device: torch.device) -> None:
+        """Make the device form from the library form (after construction, reset or import)."""
+        lib = self._lib
+        hist = _bins_to_tensor(lib["hist"])
+        self._on_device = True
+        self._lib_valid = True  # still describes the statistics until the next collect
+        if hist is None:
+            self._ready = False
+            self._grid = None
+            return
+        edges = _bins_to_tensor(lib["edges"])
+        nb = int(hist.numel())
+        width = (edges[1] - edges[0]).to(device=device, dtype=torch.float32)
+        self._allocate(device, max(capacity_for(nb), self._min_capacity))
+        self._grid[:nb] = hist.to(device=device, dtype=torch.float32)
+        self._width.copy_(width)
+        self._nb.fill_(float(nb))
+        self._extra.zero_()
+        self._ready = True
+        self._sizing = True
+
+    def _allocate(self, device: torch.device, capacity: int) -> None:
+        self._capacity = capacity
+        self._grid = torch.zeros(capacity, dtype=torch.float32, device=device)
+        if self._slot is not None and self._slot.device == device:
+            self._bind(self._slot)
+        else:
+            self._bind(torch.zeros(STATE_WIDTH, dtype=torch.float32, device=device))
+
+    def _bind(self, scalars: Tensor) -> None:
+        """Hold the scalars in ``scalars`` (a session's row, or our own), with views made once:
+        a view per call would be one more host-side op on every collect.
+
+        The row is [bin width, nb, running max of |x| / width, non-finite seen]; the last two
+        serve the Triton kernels, which update nb after counting.
+        """
+        self._scalars = scalars
+        self._width, self._nb, self._extra = scalars[0], scalars[1], scalars[2:4]
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge the count buffer to ``capacity`` bins, keeping the counts (async)."""
+        if capacity <= self._capacity or self._grid is None:
+            return
+        grid = torch.zeros(capacity, dtype=torch.float32, device=self._grid.device)
+        grid[: self._capacity] = self._grid
+        self._grid, self._capacity = grid, capacity
+
+    # ----------------------------------------------------------------------- collect
+    def reset(self) -> None:
+        """Forget the statistics, as the library's reset does.
+
+        The library keeps its (possibly grown) bin count across a reset, and its next first
+        range then has that many bins; so do we.
+        """
+        try:
+            num_bins = self._num_bins
+        except CalibrationError:  # poisoned statistics: start from the original bin count
+            num_bins = self._first_bins
+        self._on_device = False
+        self._ready = False
+        self._sizing = True
+        self._grid = None
+        self._first_bins = int(num_bins)
+        self._lib = {"hist": None, "edges": None, "num_bins": self._first_bins}
+        self._lib_valid = True
+
+    def __repr__(self) -> str:
+        # The library's repr formats from __dict__, where the statistics no longer live.
+        where = "device" if self._on_device else "library form"
+        return (f"{type(self).__name__}(num_bits={self._num_bits}, unsigned={self._unsigned}, "
+                f"first_bins={self._first_bins}, ready={self._ready}, {where})")
+
+    __str__ = __repr__
+
+    def collect(self, x: Tensor) -> None:
+        """Add ``|x|`` to the histogram with device ops only (see the module docstring)."""
+        if self.muted:
+            return
+        if self.order is None and self.session is not None:
+            self.order = self.session.next_order()
+        if self._skip_zeros or not self._torch_hist or self._axis is not None:
+            return super().collect(x)  # settings our rules never use: the library's path
+        if x.numel() == 0:
+            return  # the library fails on an empty tensor; nothing to count
+        if not self._on_device:
+            self._adopt_library_form(x.device)
+        self._lib_valid = False
+        if not self._ready:
+            self._allocate(x.device, max(capacity_for(self._first_bins), self._min_capacity))
+        if (self.session.use_kernels if self.session is not None else kernels_available(x.device)):
+            self._collect_kernels(x)
+        else:
+            self._collect_torch(x)
+
+    def _collect_kernels(self, x: Tensor) -> None:
+        """Two Triton launches: count (reads ``x`` once), then update nb and fold the top edge."""
+        if not self._ready or self._sizing:
+            top = torch.linalg.vector_norm(x, float("inf")).float()  # max |x|, no temporary
+            if not self._ready:
+                torch.div(top, self._first_bins, out=self._width)
+                torch.div(top, self._width, out=self._nb)  # num_bins, or NaN: non-finite or all-zero input
+                self._extra.zero_()
+                self._ready = True
+            else:  # see _collect_torch: size the buffer before counting (a sync)
+                bins = float(torch.maximum(self._nb, torch.div(top, self._width).ceil_()))
+                if math.isfinite(bins) and bins > self._capacity:
+                    self.grow(capacity_for(int(bins)))
+        flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
+        n = flat.numel()
+        _count_kernel[(triton.cdiv(n, _COUNT_BLOCK),)](
+            flat, n, self._scalars, self._grid, self._capacity, BLOCK=_COUNT_BLOCK, LOW=_LOW_BINS, num_warps=8)
+        _finish_kernel[(1,)](self._grid, self._scalars, self._capacity, num_warps=1)
+
+    def _collect_torch(self, x: Tensor) -> None:
+        """torch ops: abs, divide, max, clamp to nb - 0.5, histc (CPU, or no Triton)."""
+        width, nb = self._width, self._nb
+        chunked = x.numel() > CHUNK_ELEMENTS and x.is_contiguous()
+        if chunked:
+            top = torch.linalg.vector_norm(x, float("inf")).float()  # max |x|, no temporary
+            pieces: Iterator[Tensor] = iter(x.reshape(-1).split(CHUNK_ELEMENTS))
+            t = None
+        else:
+            t = x.abs()
+            if t.dtype != torch.float32:
+                t = t.float()
+            top = torch.amax(t)
+        if not self._ready:
+            torch.div(top, self._first_bins, out=width)
+            torch.div(top, width, out=nb)  # num_bins exactly, or NaN: non-finite (or all zero) input
+            limit: Tensor | float = self._first_bins - 0.5
+            self._ready = True
+        else:
+            torch.maximum(nb, torch.div(top, width).ceil_(), out=nb)
+            limit = nb - 0.5
+            if self._sizing:
+                # The first batch (or no session at all): size the buffer before counting, at
+                # the price of a sync. Some ranges grow tenfold within one batch (a residual
+                # add quantizes a small conv output, then the large identity), and after the
+                # first batch they rarely double; a batch that does is redone by the session.
+                bins = float(nb)
+                if math.isfinite(bins) and bins > self._capacity:
+                    self.grow(capacity_for(int(bins)))
+        if t is not None:
+            self._add(t.div_(width).clamp_(max=limit))
+            return
+        for piece in pieces:
+            t = piece.abs()
+            if t.dtype != torch.float32:
+                t = t.float()
+            self._add(t.div_(width).clamp_(max=limit))
+
+    def _add(self, t: Tensor) -> None:
+        """Count bin ``floor(t)`` of every value into the buffer: one or two ``histc``."""
+        grid, capacity = self._grid, self._capacity
+        if capacity == NEAR_BINS:
+            grid.add_(torch.histc(t, NEAR_BINS, 0, NEAR_BINS))
+            return
+        # histc puts its upper edge in its last bin: move exact NEAR_BINS values (bin
+        # NEAR_BINS) past the near call's range, inside the far call's first bin.
+        t = t.masked_fill_(t == NEAR_BINS, NEAR_BINS + 0.5)
+        grid[:NEAR_BINS].add_(torch.histc(t, NEAR_BINS, 0, NEAR_BINS))
+        grid[NEAR_BINS:].add_(torch.histc(t, capacity - NEAR_BINS, NEAR_BINS, capacity))
+
+
+class SyncFreeMaxCalibrator(calib.MaxCalibrator):
+    """pytorch-quantization's max calibrator without the ``torch.min(x) < 0`` sync.
+
+    The library takes ``|x|`` only when it found a negative value. The max of ``|x|`` is
+    the same either way, so we always take it. A tensor that this calibrator already
+    reduced is skipped. That is a weight: the same object, the same version counter and
+    the same storage.
+    """
+
+    def __init__(self, num_bits: int = 8, axis: Any = None, unsigned: bool = False, track_amax: bool = False):
+        super().__init__(num_bits, axis, unsigned, track_amax=track_amax)
+        self._seen: tuple[weakref.ref, tuple[int, int]] | None = None
+        self._slot: Tensor | None = None  # a session's row: [max of the running max, unused]
+        self.order: int | None = None
+        self.session: CollectSession | None = None
+        self.muted = False
+
+    @classmethod
+    def from_calibrator(cls, other: calib.MaxCalibrator) -> SyncFreeMaxCalibrator:
+        new = cls(other._num_bits, other._axis, other._unsigned, track_amax=other._track_amax)
+        new._calib_amax = other._calib_amax
+        if other._track_amax:
+            new._amaxs = other._amaxs
+        return new
+
+    def to_library(self) -> calib.MaxCalibrator:
+        plain = calib.MaxCalibrator(self._num_bits, self._axis, self._unsigned, track_amax=self._track_amax)
+        plain._calib_amax = self._calib_amax
+        if self._track_amax:
+            plain._amaxs = self._amaxs
+        return plain
+
+    def reset(self) -> None:
+        super().reset()
+        self._seen = None
+
+    def collect(self, x: Tensor) -> None:
+        """Running absolute max (per channel along ``axis``), device ops only."""
+        if self.muted:
+            return
+        if self.order is None and self.session is not None:
+            self.order = self.session.next_order()
+        if self._track_amax:
+            return super().collect(x)  # keeps a host copy per call by design
+        if x.numel() == 0:
+            return
+        key = (x._version, x.data_ptr())
+        if self._seen is not None and self._seen[0]() is x and self._seen[1] == key and self._calib_amax is not None:
+            return
+        axis = self._axis if isinstance(self._axis, (list, tuple)) else [self._axis]
+        reduce_axis = [i for i in range(x.dim()) if i not in axis]
+        local = quant_utils.reduce_amax(x, axis=reduce_axis).detach()
+        if self._calib_amax is None:
+            self._calib_amax = local
+        else:
+            if local.shape != self._calib_amax.shape:
+                raise RuntimeError("amax shape changed!")
+            self._calib_amax.copy_(torch.max(self._calib_amax, local).data)
+        self._seen = (weakref.ref(x), key)
+        if self._slot is not None and self._slot.device == self._calib_amax.device:
+            self._slot[0] = self._calib_amax.max()
+
+
+SyncFree = (SyncFreeHistogramCalibrator, SyncFreeMaxCalibrator)
+
+
+def _call_order(entry: "_Entry") -> float:
+    order = entry.calibrator.order
+    return math.inf if order is None else order
+
+
+@dataclass
+class _Entry:
+    name: str
+    quantizer: TensorQuantizer
+    calibrator: SyncFreeHistogramCalibrator | SyncFreeMaxCalibrator
+    first_batch: int | None = None
+
+
+class CollectSession:
+    """Sync-free calibrators on a model's quantizers for one collection, checked per batch.
+
+    Use ``with CollectSession(quantizers, device) as session:``. The session installs
+    sync-free twins of the library's histogram and max calibrators, carrying over any
+    imported statistics. Around each batch call :meth:`begin_batch` and
+    :meth:`end_batch`. On exit the library's own calibrators go back, holding the
+    collected statistics, so that amax computation, state export and the saved model see
+    plain pytorch-quantization objects. Calibrators of other types are left alone.
+    """
+
+    def __init__(self, quantizers: Sequence[tuple[str, TensorQuantizer]], device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.use_kernels = kernels_available(self.device)  # read once: the check costs per call
+        self.entries: list[_Entry] = []
+        self._order = 0
+        self._snapshot: list[tuple[bool, Tensor | None, int]] = []
+        self._snapshot_state: Tensor | None = None
+        self._quantizers = list(quantizers)
+
+    # ------------------------------------------------------------------ install/remove
+    def __enter__(self) -> CollectSession:
+        for name, q in self._quantizers:
+            cal = q._calibrator
+            if type(cal) is calib.HistogramCalibrator:
+                fast = SyncFreeHistogramCalibrator.from_calibrator(cal)
+            elif type(cal) is calib.MaxCalibrator:
+                fast = SyncFreeMaxCalibrator.from_calibrator(cal)
+            elif isinstance(cal, SyncFree):
+                fast = cal
+                fast.order = None
+            else:
+                continue  # another calibrator type: it keeps its own behaviour
+            q._calibrator = fast
+            fast.session = self
+            self.entries.append(_Entry(name, q, fast))
+        self.state = torch.zeros((len(self.entries), STATE_WIDTH), dtype=torch.float32, device=self.device)
+        for row, entry in enumerate(self.entries):
+            cal = entry.calibrator
+            cal._slot = self.state[row]
+            if isinstance(cal, SyncFreeHistogramCalibrator) and cal._ready and cal._scalars is not None:
+                # Already collecting on the device with its own scalars: move them to the row.
+                cal._slot.copy_(cal._scalars.to(self.device))
+                cal._bind(cal._slot)
+            if isinstance(entry.calibrator, SyncFreeMaxCalibrator) and entry.calibrator._calib_amax is not None:
+                entry.calibrator._seen = None  # imported: re-reduce the weight once, to fill the slot
+        log.debug("sync-free calibrators installed on %d quantizers", len(self.entries))
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        for entry in self.entries:
+            fast = entry.calibrator
+            try:
+                plain = fast.to_library()
+            except CalibrationError:
+                if exc_type is None:
+                    raise
+                # Already failing (non-finite data): leave an empty calibrator behind.
+                plain = calib.HistogramCalibrator(fast._num_bits, fast._axis, fast._unsigned)
+            entry.quantizer._calibrator = plain
+
+    def next_order(self) -> int:
+        self._order += 1
+        return self._order
+
+    # ------------------------------------------------------------------------ batches
+    def _histograms(self) -> list[tuple[int, SyncFreeHistogramCalibrator]]:
+        return [
+            (i, e.calibrator) for i, e in enumerate(self.entries)
+            if isinstance(e.calibrator, SyncFreeHistogramCalibrator) and e.calibrator._on_device
+        ]
+
+    def begin_batch(self) -> None:
+        """Keep a device copy of every histogram, so a batch that overflows can be redone."""
+        snapshot: list[tuple[bool, Tensor | None, int]] = []
+        sources, targets = [], []
+        reuse = len(self._snapshot) == len(self.entries)
+        for i, entry in enumerate(self.entries):
+            cal = entry.calibrator
+            grid = cal._grid if isinstance(cal, SyncFreeHistogramCalibrator) and cal._ready else None
+            if grid is None:
+                snapshot.append((False, None, 0))
+                continue
+            old = self._snapshot[i][1] if reuse else None
+            buffer = old if old is not None and old.shape == grid.shape else torch.empty_like(grid)
+            sources.append(grid)
+            targets.append(buffer)
+            snapshot.append((True, buffer, cal._capacity))
+        if sources:
+            torch._foreach_copy_(targets, sources)
+        if self._snapshot_state is None or self._snapshot_state.shape != self.state.shape:
+            self._snapshot_state = torch.empty_like(self.state)
+        self._snapshot_state.copy_(self.state)
+        self._snapshot = snapshot
+
+    def end_batch(self, batch: int) -> list[int]:
+        """Check the batch (one device-to-host copy); return the calibrators to redo.
+
+        Raises :class:`CalibrationError` naming the first quantizer, in call order, whose
+        statistics became non-finite, and the batch. Grows half-full buffers.
+        """
+        values = self.state.tolist()
+        bad, zero, redo = [], [], []
+        for i, entry in enumerate(self.entries):
+            cal = entry.calibrator
+            if isinstance(cal, SyncFreeHistogramCalibrator):
+                if not (cal._on_device and cal._ready) or cal._slot is not cal._scalars:
+                    continue
+                if entry.first_batch is None:
+                    entry.first_batch = batch
+                width, nb = values[i][:2]
+                if width == 0.0:
+                    zero.append(entry)
+                elif not (math.isfinite(width) and math.isfinite(nb)):
+                    bad.append(entry)
+                elif nb > cal._capacity:
+                    cal._min_capacity = capacity_for(int(nb))
+                    redo.append(i)
+                else:
+                    if 2 * nb > cal._capacity:
+                        cal.grow(capacity_for(int(nb)))
+                    cal._sizing = False
+            elif cal._calib_amax is not None and not cal._track_amax:
+                if entry.first_batch is None:
+                    entry.first_batch = batch
+                if not math.isfinite(values[i][0]):
+                    bad.append(entry)
+        if bad:
+            first = min(bad, key=_call_order)
+            raise CalibrationError(
+                f"non-finite activations at quantizer {first.name} in calibration batch {batch} "
+                f"(its running max became NaN or inf; {len(bad)} quantizer(s) affected)"
+            )
+        if zero:
+            first = min(zero, key=_call_order)
+            raise CalibrationError(
+                f"quantizer {first.name} saw only zeros in its first calibration tensor (batch "
+                f"{first.first_batch}): its histogram takes the bin width from that tensor's max, so it has "
+                "no range (pytorch-quantization fails the same way on the next nonzero value); exclude it or "
+                "calibrate on other data"
+            )
+        return redo
+
+    def prepare_redo(self, rows: Sequence[int]) -> None:
+        """Restore ``rows`` to their state before the batch, enlarged; mute everyone else."""
+        redo = set(rows)
+        log.info("collecting this batch again for %d histogram(s) that outgrew their buffers: %s",
+                 len(redo), ", ".join(self.entries[i].name for i in sorted(redo)[:5]))
+        for i, entry in enumerate(self.entries):
+            cal = entry.calibrator
+            if i not in redo:
+                cal.muted = True
+                continue
+            had, buffer, capacity = self._snapshot[i]
+            self.state[i] = self._snapshot_state[i]
+            if had:
+                cal._grid, cal._capacity = buffer.clone(), capacity
+                cal.grow(cal._min_capacity)
+                cal._sizing = True
+            else:
+                cal._ready = False
+                cal._sizing = True
+                cal._grid = None
+                entry.first_batch = None
+
+    def finish_redo(self) -> None:
+        for entry in self.entries:
+            entry.calibrator.muted = False
