@@ -291,7 +291,7 @@ def ours_phase(build: Builder, batches: list, device: torch.device, a: argparse.
 
         from bevfusion_ptq.quant.histogram import BACKEND_ENV
 
-        os.environ[BACKEND_ENV] = "torch"  # the same collect with torch ops instead of the Triton kernels
+        os.environ[BACKEND_ENV] = "torch"  # the same collect with torch ops instead of the CUDA kernels
         try:
             torch_ops = []
             for _ in range(2):
@@ -537,7 +537,7 @@ def same_input_check(model: torch.nn.Module, batches: list, device: torch.device
 
 
 def kernel_self_check(device: torch.device) -> dict[str, Any]:
-    """The Triton counting kernels against the torch-op path on the same data (CUDA).
+    """The CUDA counting kernel against the torch-op path on the same data.
 
     Compared after every tensor, with ranges growing up to 800-fold, so that a difference
     is located at the step that made it.
@@ -745,7 +745,7 @@ def table(r: dict) -> str:
         f"MSE amax differ by more than one bin (max {num(rr['amax_max_diff_in_bins'])} bins)"
     )
     if "torch_ops_batch_s" in r["ours"]:
-        lines.append(f"ours with torch ops instead of the Triton kernels: {1000 * r['ours']['torch_ops_batch_s']:.1f} ms "
+        lines.append(f"ours with torch ops instead of the CUDA kernel: {1000 * r['ours']['torch_ops_batch_s']:.1f} ms "
                      f"per batch (P1 would be {r['ours']['torch_ops_batch_s'] / f['batch_median_s']:.2f})")
     if same["quantizers"]:
         lines.append(

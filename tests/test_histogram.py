@@ -303,46 +303,51 @@ def test_session_leaves_a_copy_of_the_model_untouched():
                if isinstance(q._calibrator, calib.HistogramCalibrator))
 
 
-KERNEL_CHECK = """
-import json, os, torch
-from bevfusion_ptq.quant import histogram as H
-gen = torch.Generator().manual_seed(0)
-data = [torch.relu(torch.randn(6000, generator=gen)), torch.randn(6000, generator=gen) * 2.5,
-        torch.tensor([0.0, 1.0, 4096.0 * 2.5]), torch.randn(5000, generator=gen) * 40]
-out = {"kernels": H.kernels_available(torch.device("cpu"))}
-for backend in ("torch", ""):
-    os.environ[H.BACKEND_ENV] = backend
-    cal = H.SyncFreeHistogramCalibrator(8, None, False)
+def kernel_inputs() -> list[torch.Tensor]:
+    gen = generator(0)
+    return [
+        torch.relu(torch.randn(300_001, generator=gen)),  # many zeros, a length not a multiple of 4
+        torch.randn(200_000, generator=gen) * 2.5,  # grows the range
+        torch.tensor([0.0, 1.0, 4096.0 * 2.5]),  # a value on the new top edge
+        torch.randn(500_000, generator=gen) * 40,  # grows past the shared-memory bins
+        torch.randn(64, 1000, generator=gen)[:, 1:-3],  # a strided view
+        torch.randn(100_001, generator=gen)[1:],  # contiguous, but not 16-byte aligned
+    ]
+
+
+def test_kernel_path_is_for_cuda_only(monkeypatch: pytest.MonkeyPatch):
+    from bevfusion_ptq.quant import histogram as H
+
+    assert not H.kernels_available(torch.device("cpu"))
+    if torch.cuda.is_available():
+        monkeypatch.setenv(H.BACKEND_ENV, "torch")
+        assert not H.kernels_available(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_count_exactly_like_the_torch_ops(monkeypatch: pytest.MonkeyPatch):
+    """count_bins.cu (compiled by NVRTC) against the torch-op path, on the same CUDA tensors."""
+    from bevfusion_ptq.quant import histogram as H
+
+    device = torch.device("cuda")
+    assert H.kernels_available(device)
+    data = [x.to(device) for x in kernel_inputs()]
+    results = {}
+    for backend in ("torch", "kernels"):
+        monkeypatch.setenv(H.BACKEND_ENV, "torch" if backend == "torch" else "")
+        cal = SyncFreeHistogramCalibrator(8, None, False)
+        for x in data:
+            cal.collect(x)
+        results[backend] = (cal._num_bins, cal._calib_hist.cpu(), cal._calib_bin_edges.cpu())
+    assert results["kernels"][0] == results["torch"][0] > NEAR_BINS
+    assert torch.equal(results["kernels"][1], results["torch"][1])
+    assert torch.equal(results["kernels"][2], results["torch"][2])
+    lib = calib.HistogramCalibrator(8, None, False)
     for x in data:
-        cal.collect(x)
-    out[backend or "kernels_hist"] = [cal._num_bins, cal._calib_hist.tolist(), cal._calib_bin_edges.tolist()]
-bad = H.SyncFreeHistogramCalibrator(8, None, False)
-bad.collect(torch.tensor([1.0, float("nan")]))
-out["nan_nb"] = str(float(bad._nb))
-print(json.dumps(out))
-"""
+        lib.collect(x)
+    assert_within_one_bin(results["kernels"][1], lib._calib_hist.cpu())
 
-
-def test_triton_kernels_count_exactly_like_the_torch_ops():
-    """The CUDA path's Triton kernels, run by Triton's interpreter on the CPU.
-
-    A CPU-only torch has no Triton; then the torch ops must serve every device.
-    """
-    import importlib.util
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from bevfusion_ptq.quant.histogram import kernels_available
-
-    if importlib.util.find_spec("triton") is None:
-        assert not kernels_available(torch.device("cpu")) and not kernels_available(torch.device("cuda"))
-        return
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True,
-                          check=True, cwd=Path(__file__).resolve().parents[1])
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["kernels"] is True
-    assert out["kernels_hist"] == out["torch"]
-    assert out["nan_nb"] == "nan"
+    bad = SyncFreeHistogramCalibrator(8, None, False)
+    bad.collect(torch.tensor([1.0, 2.0], device=device))
+    bad.collect(torch.tensor([1.0, float("nan")], device=device))
+    assert torch.isnan(bad._nb)

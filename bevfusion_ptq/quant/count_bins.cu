@@ -1,0 +1,136 @@
+// Histogram counting for calibration, compiled at run time with NVRTC (see histogram.py).
+//
+// state = [bin width w, bin count nb, running max of |x| / w, non-finite seen, blocks done],
+// floats except the last, an unsigned counter that is zero between launches.
+// grid  = counts, `capacity` bins. A value x goes to bin floor(|x| / w) (IEEE division, as
+// torch divides); values at or past `capacity` are not counted (the caller sizes the buffer
+// so that none are, and checks nb afterwards).
+//
+// Why shared memory: a block counts the lowest LOCAL_BINS bins in its own shared-memory
+// histogram, where an atomic costs a few cycles, and adds it to `grid` once at the end.
+// Activations put nearly all their mass in those bins; a value further out takes one global
+// atomic. The zeros of a ReLU output all land in bin 0, so a warp counts its bin-0 values
+// with one ballot and one atomic instead of up to 32 colliding ones.
+
+#ifndef LOCAL_BINS
+#define LOCAL_BINS 4096
+#endif
+
+// After a count: nb = max(nb, ceil(running max)), NaN once a non-finite value was seen, and a
+// value lying exactly on the new top edge (bin nb) moves to bin nb - 1, as histc puts its
+// upper edge in its last bin. Bins at or past nb held nothing before the count.
+// Reads bypass L1 (__ldcg): the values come from other blocks' atomics.
+__device__ void finish(float* grid, float* state, int capacity) {
+    const float nb = __ldcg(state + 1);
+    const float top = __ldcg(state + 2);
+    const float bad = __ldcg(state + 3);
+    float grown = fmaxf(nb, ceilf(top));
+    if (nb != nb || bad > 0.0f) grown = __int_as_float(0x7fc00000);  // NaN, for good
+    state[1] = grown;
+    if (grown == grown) {
+        const int edge = (int)grown;
+        if (edge >= 1 && edge < capacity) {
+            grid[edge - 1] = __ldcg(grid + edge - 1) + __ldcg(grid + edge);
+            grid[edge] = 0.0f;
+        }
+    }
+}
+
+// One launch per collect: the last block to finish (a ticket counter in state[4], the usual
+// threadfence pattern) runs `finish`, when `last_piece` says that no launch follows for
+// this tensor. One launch instead of two halves the host's launch work, which is what
+// bounds a calibration batch once counting is fast.
+extern "C" __global__ void count_bins(const float* __restrict__ x, int n, float* __restrict__ state,
+                                      float* __restrict__ grid, int capacity, int last_piece) {
+    __shared__ unsigned int local[LOCAL_BINS];
+    __shared__ float block_top[32];
+    __shared__ unsigned int block_bad;
+    __shared__ bool block_last;
+    for (int i = threadIdx.x; i < LOCAL_BINS; i += blockDim.x) local[i] = 0u;
+    if (threadIdx.x == 0) block_bad = 0u;
+    __syncthreads();
+
+    const float width = state[0];
+    const float limit = (float)capacity;
+    const int local_bins = LOCAL_BINS < capacity ? LOCAL_BINS : capacity;
+    const int lane = threadIdx.x & 31;
+    float top = 0.0f;
+    bool bad = false;
+
+    // Four values per thread and step (16-byte loads; the caller passes an aligned x), in a
+    // loop whose trip count is the same for the 32 lanes of a warp, so the ballot sees them all.
+    const int n4 = n >> 2;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i - lane < n4; i += stride) {
+        const bool inside = i < n4;
+        float4 v = inside ? x4[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const float t = __fdiv_rn(fabsf(vals[k]), width);
+            const bool finite = inside && (t - t == 0.0f);
+            bad |= inside && !finite;
+            top = finite ? fmaxf(top, t) : top;
+            const int bin = (finite && t < limit) ? (int)t : -1;
+            const unsigned int zeros = __ballot_sync(0xffffffffu, bin == 0);
+            if (lane == 0 && zeros) atomicAdd(&local[0], (unsigned int)__popc(zeros));
+            if (bin > 0) {
+                if (bin < local_bins) atomicAdd(&local[bin], 1u);
+                else atomicAdd(&grid[bin], 1.0f);
+            }
+        }
+    }
+    // The last n % 4 values: block 0 only.
+    if (blockIdx.x == 0 && threadIdx.x < (n & 3)) {
+        const float t = __fdiv_rn(fabsf(x[(n & ~3) + threadIdx.x]), width);
+        const bool finite = t - t == 0.0f;
+        bad |= !finite;
+        top = finite ? fmaxf(top, t) : top;
+        if (finite && t < limit) {
+            const int bin = (int)t;
+            if (bin < local_bins) atomicAdd(&local[bin], 1u);
+            else atomicAdd(&grid[bin], 1.0f);
+        }
+    }
+
+    // Block max of |x| / w and the non-finite flag, then one atomic each. The max is of
+    // non-negative floats, whose bit patterns order as integers.
+    for (int offset = 16; offset > 0; offset >>= 1) top = fmaxf(top, __shfl_down_sync(0xffffffffu, top, offset));
+    if (lane == 0) block_top[threadIdx.x >> 5] = top;
+    if (bad) block_bad = 1u;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const int warps = blockDim.x >> 5;
+        float m = threadIdx.x < warps ? block_top[threadIdx.x] : 0.0f;
+        for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_down_sync(0xffffffffu, m, offset));
+        if (threadIdx.x == 0) {
+            block_top[0] = m;
+            atomicMax(reinterpret_cast<int*>(state + 2), __float_as_int(m));
+            if (block_bad) atomicMax(reinterpret_cast<int*>(state + 3), __float_as_int(1.0f));
+        }
+    }
+    __syncthreads();
+    // Add the block's counts to the buffer: only bins up to the block's largest value can
+    // hold any, so a block of small values adds a few hundred bins, not LOCAL_BINS.
+    const float block_max = block_top[0];
+    const int used = block_max < (float)local_bins ? (int)block_max + 1 : local_bins;
+    for (int i = threadIdx.x; i < used; i += blockDim.x) {
+        const unsigned int c = local[i];
+        if (c) atomicAdd(&grid[i], (float)c);
+    }
+
+    if (!last_piece) return;
+    __threadfence();  // this block's counts and max are visible before its ticket
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int* done = reinterpret_cast<unsigned int*>(state + 4);
+        block_last = atomicAdd(done, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (block_last && threadIdx.x == 0) {
+        __threadfence();
+        finish(grid, state, capacity);
+        *reinterpret_cast<unsigned int*>(state + 4) = 0u;
+    }
+}
