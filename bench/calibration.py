@@ -44,6 +44,10 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bevfusion_ptq.quant.calibrate import calibration_backends  # noqa: E402
+
 log = logging.getLogger("bench.calibration")
 
 GOALS = {"P1": ("<=", 1.10), "P2": (">=", 2.0), "P3": (">=", 20.0), "P6": ("<=", 1.10)}
@@ -83,20 +87,6 @@ def pin(batch: dict[str, Any]) -> dict[str, Any]:
         return v
 
     return {k: one(v) for k, v in batch.items()}
-
-
-@contextlib.contextmanager
-def backends(benchmark: bool) -> Iterator[None]:
-    """cuDNN autotuning as asked, TF32 off (the calibration numerics)."""
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.benchmark = benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-         torch.backends.cuda.matmul.allow_tf32) = saved
 
 
 @contextlib.contextmanager
@@ -205,7 +195,7 @@ def floor_phase(build: Builder, batches: list, device: torch.device, a: argparse
     run_features = features(model)
     resident = [move_batch(b, device) for b in batches]
     out: dict[str, Any] = {}
-    with torch.no_grad(), backends(benchmark=True):
+    with torch.no_grad(), calibration_backends(device, benchmark=True):
 
         def run() -> None:
             for b in resident:
@@ -412,7 +402,7 @@ def reference_phase(build: Builder, batches: list, device: torch.device, a: argp
     collect_s, peaks = [], []
     logging.getLogger("absl").setLevel(logging.ERROR)  # load_calib_amax warns once per quantizer
     previous: dict[str, Any] = {}
-    with backends(benchmark=False):
+    with calibration_backends(device, benchmark=False):
         for i in range(a.warmup + a.ref_repeats):
             previous = {n: q._calibrator for n, q in iter_quantizers(model)}
             fresh_calibrators(model)

@@ -77,8 +77,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def _calibration_backends(device: torch.device) -> Iterator[None]:
-    """cuDNN autotuning on and TF32 off while collecting on CUDA; the caller's flags after.
+def calibration_backends(device: torch.device, *, benchmark: bool = True) -> Iterator[None]:
+    """cuDNN autotuning (``benchmark``) and TF32 off while collecting on CUDA; the caller's
+    flags after.
 
     Calibration batches all have one shape, so cuDNN's benchmark pays for itself on the
     first batch. TF32 (on by default for cuDNN convolutions) would round every convolution's
@@ -88,7 +89,7 @@ def _calibration_backends(device: torch.device) -> Iterator[None]:
         yield
         return
     saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = benchmark
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -188,7 +189,7 @@ def collect(
     stage = _Stager(device)
     source = iter(itertools.islice(batches, max(0, num_batches - start)))
     try:
-        with torch.no_grad(), _calibration_backends(device), CollectSession(quantizers, device) as session:
+        with torch.no_grad(), calibration_backends(device), CollectSession(quantizers, device) as session:
             first = next(source, None)
             staged = None if first is None else stage(first)
             while staged is not None:

@@ -139,6 +139,7 @@ class _CountKernel:
         from importlib import resources
 
         source = resources.files(__package__).joinpath("count_bins.cu").read_text()
+        self.index = device.index
         with torch.cuda.device(device):
             compiled = torch.cuda._compile_kernel(source, "count_bins", nvcc_options=[f"-DLOCAL_BINS={LOCAL_BINS}"])
             self.multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
@@ -161,6 +162,9 @@ class _CountKernel:
 
     def __call__(self, flat: Tensor, state: Tensor, grid: Tensor, capacity: int) -> None:
         """Count a flat float32 tensor into ``grid`` and update ``state``: one launch per 2**30 values."""
+        if torch.cuda.current_device() != self.index:
+            with torch.cuda.device(self.index):  # the kernel belongs to its GPU's context
+                return self(flat, state, grid, capacity)
         (x, n, _, _, _, last), pointers = self._block(state, grid, capacity)
         stream = ctypes.c_void_p(torch.cuda.current_stream(flat.device).cuda_stream)
         total = flat.numel()
