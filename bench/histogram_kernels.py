@@ -199,17 +199,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tl.histogram block 4096 low 256 warps 8": lambda x, s, g: _tl_histogram_kernel[(triton.cdiv(x.numel(), 4096),)](
             x, x.numel(), s, g, CAPACITY, BLOCK=4096, LOW=256, num_warps=8),
     }
-    shapes = [(4096, 512, 1), (4096, 512, 2), (4096, 256, 4), (2048, 512, 2), (8192, 512, 1), (4096, 1024, 1)]
-    for local_bins, threads, per_sm in shapes:
+    shapes = [  # local bins, copies, threads, blocks per SM
+        (4096, 2, 1024, 1), (4096, 1, 1024, 1), (2048, 4, 1024, 1), (4096, 1, 512, 2), (4096, 2, 512, 2),
+    ]
+    for local_bins, copies, threads, per_sm in shapes:
         def launch(x: torch.Tensor, s: torch.Tensor, g: torch.Tensor, local_bins: int = local_bins,
-                   threads: int = threads, per_sm: int = per_sm) -> None:
-            hist.LOCAL_BINS, hist.COUNT_THREADS, hist.COUNT_BLOCKS_PER_SM = local_bins, threads, per_sm
+                   copies: int = copies, threads: int = threads, per_sm: int = per_sm) -> None:
+            hist.LOCAL_BINS, hist.LOCAL_COPIES = local_bins, copies
+            hist.COUNT_THREADS, hist.COUNT_BLOCKS_PER_SM = threads, per_sm
             hist._launch_count(x, s, g, CAPACITY)
-        hist.LOCAL_BINS = local_bins
+        hist.LOCAL_BINS, hist.LOCAL_COPIES = local_bins, copies
         if not hist._kernels_work(device):
-            log.warning("count_bins with %d local bins failed its self-check", local_bins)
-        variants[f"count_bins local {local_bins} threads {threads} blocks/SM {per_sm}"] = (
-            launch, {"local_bins": local_bins, "threads": threads, "blocks_per_sm": per_sm})
+            log.warning("count_bins %s failed its self-check", (local_bins, copies))
+        variants[f"count_bins local {local_bins}x{copies} threads {threads} blocks/SM {per_sm}"] = (
+            launch, {"local_bins": local_bins, "local_copies": copies, "threads": threads, "blocks_per_sm": per_sm})
 
     rows: list[dict[str, Any]] = []
     for name, spec in variants.items():

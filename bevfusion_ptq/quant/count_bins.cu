@@ -15,6 +15,13 @@
 #ifndef LOCAL_BINS
 #define LOCAL_BINS 4096
 #endif
+// Copies of the shared-memory histogram; warp w counts into copy w % LOCAL_COPIES, so fewer
+// warps collide on a popular bin. LOCAL_COPIES * LOCAL_BINS * 4 bytes must fit in 48 KiB.
+// (Adding a warp's equal bins once with __match_any_sync instead was measured slower on an
+// H200: 10.7 ms per R50 batch against 5.5 ms.)
+#ifndef LOCAL_COPIES
+#define LOCAL_COPIES 2
+#endif
 
 // After a count: nb = max(nb, ceil(running max)), NaN once a non-finite value was seen, and a
 // value lying exactly on the new top edge (bin nb) moves to bin nb - 1, as histc puts its
@@ -42,11 +49,12 @@ __device__ void finish(float* grid, float* state, int capacity) {
 // bounds a calibration batch once counting is fast.
 extern "C" __global__ void count_bins(const float* __restrict__ x, int n, float* __restrict__ state,
                                       float* __restrict__ grid, int capacity, int last_piece) {
-    __shared__ unsigned int local[LOCAL_BINS];
+    __shared__ unsigned int local[LOCAL_COPIES * LOCAL_BINS];
     __shared__ float block_top[32];
     __shared__ unsigned int block_bad;
     __shared__ bool block_last;
-    for (int i = threadIdx.x; i < LOCAL_BINS; i += blockDim.x) local[i] = 0u;
+    for (int i = threadIdx.x; i < LOCAL_COPIES * LOCAL_BINS; i += blockDim.x) local[i] = 0u;
+    unsigned int* mine = local + ((threadIdx.x >> 5) % LOCAL_COPIES) * LOCAL_BINS;
     if (threadIdx.x == 0) block_bad = 0u;
     __syncthreads();
 
@@ -74,9 +82,9 @@ extern "C" __global__ void count_bins(const float* __restrict__ x, int n, float*
             top = finite ? fmaxf(top, t) : top;
             const int bin = (finite && t < limit) ? (int)t : -1;
             const unsigned int zeros = __ballot_sync(0xffffffffu, bin == 0);
-            if (lane == 0 && zeros) atomicAdd(&local[0], (unsigned int)__popc(zeros));
+            if (lane == 0 && zeros) atomicAdd(&mine[0], (unsigned int)__popc(zeros));
             if (bin > 0) {
-                if (bin < local_bins) atomicAdd(&local[bin], 1u);
+                if (bin < local_bins) atomicAdd(&mine[bin], 1u);
                 else atomicAdd(&grid[bin], 1.0f);
             }
         }
@@ -89,7 +97,7 @@ extern "C" __global__ void count_bins(const float* __restrict__ x, int n, float*
         top = finite ? fmaxf(top, t) : top;
         if (finite && t < limit) {
             const int bin = (int)t;
-            if (bin < local_bins) atomicAdd(&local[bin], 1u);
+            if (bin < local_bins) atomicAdd(&mine[bin], 1u);
             else atomicAdd(&grid[bin], 1.0f);
         }
     }
@@ -116,7 +124,9 @@ extern "C" __global__ void count_bins(const float* __restrict__ x, int n, float*
     const float block_max = block_top[0];
     const int used = block_max < (float)local_bins ? (int)block_max + 1 : local_bins;
     for (int i = threadIdx.x; i < used; i += blockDim.x) {
-        const unsigned int c = local[i];
+        unsigned int c = 0u;
+#pragma unroll
+        for (int copy = 0; copy < LOCAL_COPIES; ++copy) c += local[copy * LOCAL_BINS + i];
         if (c) atomicAdd(&grid[i], (float)c);
     }
 
