@@ -433,8 +433,8 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
         """Hold the scalars in ``scalars`` (a session's row, or our own), with views made once:
         a view per call would be one more host-side op on every collect.
 
-        The row is [bin width, nb, running max of |x| / width, non-finite seen]; the last two
-        serve the Triton kernels, which update nb after counting.
+        The row is [bin width, nb, running max of |x| / width, non-finite seen, blocks done];
+        the last three serve the CUDA kernel, which updates nb after counting.
         """
         self._scalars = scalars
         self._width, self._nb, self._extra = scalars[0], scalars[1], scalars[2:4]
@@ -513,7 +513,7 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
         _launch_count(flat, self._scalars, self._grid, self._capacity)
 
     def _collect_torch(self, x: Tensor) -> None:
-        """torch ops: abs, divide, max, clamp to nb - 0.5, histc (CPU, or no Triton)."""
+        """torch ops: abs, divide, max, clamp to nb - 0.5, histc (CPU, or no CUDA kernel)."""
         width, nb = self._width, self._nb
         chunked = x.numel() > CHUNK_ELEMENTS and x.is_contiguous()
         if chunked:
