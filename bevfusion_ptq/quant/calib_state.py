@@ -35,6 +35,7 @@ from pytorch_quantization.nn import TensorQuantizer
 from torch import Tensor, nn
 
 from bevfusion_ptq.errors import CalibrationError
+from bevfusion_ptq.quant import compat
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +232,6 @@ def export_calibration_state(model: nn.Module, batches_seen: int = 0) -> dict[st
     }
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def import_calibration_state(
     model: nn.Module,
     state: Mapping[str, Mapping[str, Any]],
@@ -269,7 +262,7 @@ def import_calibration_state(
     counts = sorted({_require(entry, "batches_seen", int, f"quantizer {name}") for name, entry in state.items()})
     if len(counts) > 1:
         raise CalibrationError(f"calibration state mixes batch counts {counts}; it was not saved in one piece")
-    target = torch.device(device) if device is not None else _model_device(model)
+    target = torch.device(device) if device is not None else compat.model_device(model)
     # Import replaces attributes rather than writing into them, so keeping the old references
     # is enough to undo a half-done import when a later entry turns out to be malformed.
     backup = {name: dict(vars(q._calibrator)) for name, q in quantizers.items()}

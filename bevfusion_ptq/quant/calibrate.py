@@ -61,19 +61,13 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     BEVFusion's ``extract_features`` stops at the decoder: nothing after it is quantized, so
     running the detection head during calibration would be wasted work.
     """
-    batch = move_batch(batch, next(model.parameters()).device)
+    batch = move_batch(batch, compat.model_device(model))
     run = getattr(model, "extract_features", None) or model
     return run(batch)
 
 
 def _calibrated_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
     return [(n, q) for n, q in compat.iter_quantizers(model) if getattr(q, "_calibrator", None) is not None]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 @contextmanager
@@ -178,7 +172,7 @@ def collect(
     later with an unrelated range error, if at all.
     """
     quantizers = _calibrated_quantizers(model)
-    device = _model_device(model)
+    device = compat.model_device(model)
     for _, q in quantizers:
         q.disable_quant()
         q.enable_calib()
@@ -235,7 +229,7 @@ def compute_amax(
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
-    device = next(model.parameters()).device
+    device = compat.model_device(model)
     result: dict[str, torch.Tensor] = {}
     empty: list[str] = []
     for name, q in _calibrated_quantizers(model):

@@ -20,6 +20,7 @@ here, so that the rest of the package can use the library as documented:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator, Mapping
 
@@ -31,6 +32,13 @@ from torch import nn
 from bevfusion_ptq.quant import amax as amax_math
 
 log = logging.getLogger(__name__)
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model lives: its first parameter's device, else a buffer's, else the CPU."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
 
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
     """Yield (path, quantizer) once per quantizer object, under its first path.
@@ -119,7 +127,7 @@ def prepare_amax_buffers(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     buffer instead of taking pytorch-quantization's ``.cuda()`` workaround. Returns the number
     of buffers created.
     """
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = model_device(model)
     created = 0
     for name, module in model.named_modules():
         key = f"{name}._amax" if name else "_amax"

@@ -63,14 +63,6 @@ class FidelityError(CalibrationError):
 
 
 # ---------------------------------------------------------------------------- forward
-def _device(model: nn.Module) -> torch.device:
-    """Where the model lives (its first parameter, or a buffer; CPU for a stateless model)."""
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def bevfusion_forward(model: nn.Module, batch: Any) -> dict[str, Any]:
     """One full BEVFusion forward: the four feature stages, the dense heatmap and the boxes.
 
@@ -78,7 +70,7 @@ def bevfusion_forward(model: nn.Module, batch: Any) -> dict[str, Any]:
     what picks the object queries, so drift there moves or drops detections. A model whose
     output is a plain tensor is reported as a single stage ``output``.
     """
-    batch = move_batch(batch, _device(model))
+    batch = move_batch(batch, compat.model_device(model))
     out = model(batch)
     if isinstance(out, Tensor):
         return {"output": out}
@@ -399,7 +391,7 @@ def fidelity_report(
     enabled = _check_quantizers(named)
     quantizers = [q for _, q in named]
     run = forward or bevfusion_forward
-    device = _device(model)
+    device = compat.model_device(model)
     log.info(
         "fidelity report: %d batches, %d of %d quantizers enabled, on %s", num_batches, enabled, len(named), device
     )
