@@ -144,6 +144,19 @@ def first_states(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def event_median_ms(fn: Any, repeats: int) -> float:
+    """Median over ``repeats`` of ``fn``'s time between two CUDA events (host launches included)."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def run_variant(launch: Any, tensors: list[torch.Tensor], states: list[torch.Tensor],
                 repeats: int, finish: bool) -> tuple[float, float, list[torch.Tensor]]:
     """Wall time of one batch's counting (host launches included) and its kernel time."""
@@ -169,15 +182,7 @@ def run_variant(launch: Any, tensors: list[torch.Tensor], states: list[torch.Ten
         torch.cuda.synchronize()
     kernel_ms = sum(e.device_time_total for e in prof.key_averages()
                     if "count" in e.key or "histogram" in e.key or "finish" in e.key) / 1000
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        once()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), kernel_ms, result
+    return event_median_ms(once, repeats), kernel_ms, result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -241,15 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.histc(x.abs(), FIRST_BINS, 0, float(s[0] * FIRST_BINS))
     histc_once()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(a.repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        histc_once()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    rows.append({"variant": "torch.histc (abs + histc per tensor)", "ms_per_batch": statistics.median(times)})
+    rows.append({"variant": "torch.histc (abs + histc per tensor)", "ms_per_batch": event_median_ms(histc_once, a.repeats)})
 
     exact = [r for r in rows if r.get("shape") and r.get("tensors_wrong") == 0]
     best = min(exact, key=lambda r: r["kernel_ms_per_batch"]) if exact else None
