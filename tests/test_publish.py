@@ -41,6 +41,22 @@ def _count_calls(client, operation: str, calls: list[dict]) -> None:
     client.meta.events.register(f"before-parameter-build.s3.{operation}", lambda params, **_: calls.append(params))
 
 
+def _race_before_put(client, key_suffix: str, competitor) -> tuple[list, list]:
+    """Run ``competitor()`` once, just before ``client`` sends its first PutObject of a key
+    ending in ``key_suffix``: another run wins the race in between. Returns (what the
+    competitor returned, the condition header of every such PutObject of ours)."""
+    fired, conditions = [], []
+
+    def hook(params, **_):
+        if params["Key"].endswith(key_suffix):
+            conditions.append(params.get("IfMatch") or params.get("IfNoneMatch"))
+            if not fired:
+                fired.append(competitor())
+
+    client.meta.events.register("before-parameter-build.s3.PutObject", hook)
+    return fired, conditions
+
+
 def test_publish_then_fetch_verifies_every_file(s3, tmp_path):
     v1 = make_version(tmp_path / "out", "v1")
     result = publish_version(v1, s3.url("releases"))
@@ -112,15 +128,8 @@ def test_latest_swap_rereads_after_a_412(s3, tmp_path, competitor_is_newer):
     first, second = make_version(out, "va", seed=1), make_version(out, "vb", seed=2)
     ours, theirs = (first, second) if competitor_is_newer else (second, first)
     publish_version(base, s3.url("r"))  # so our swap is an IfMatch on v0's ETag
-    client, latest_puts, fired = make_client(), [], []
-
-    def competitor(params, **_):
-        if params["Key"].endswith("latest.json"):
-            latest_puts.append(params.get("IfMatch") or params.get("IfNoneMatch"))
-            if not fired:
-                fired.append(publish_version(theirs, s3.url("r")))
-
-    client.meta.events.register("before-parameter-build.s3.PutObject", competitor)
+    client = make_client()
+    fired, latest_puts = _race_before_put(client, "latest.json", lambda: publish_version(theirs, s3.url("r")))
     result = publish_version(ours, s3.url("r"), client=client)
     assert fired[0].latest_updated
     newest = second.name
@@ -134,15 +143,10 @@ def test_latest_swap_rereads_after_a_412(s3, tmp_path, competitor_is_newer):
 def test_first_publish_races_on_a_missing_latest(s3, tmp_path):
     """No latest.json yet: both create it with IfNoneMatch='*'; exactly one wins, the newer stays."""
     older, newer = make_version(tmp_path / "out", "va", seed=1), make_version(tmp_path / "out", "vb", seed=2)
-    client, fired = make_client(), []
-
-    def competitor(params, **_):
-        if params["Key"].endswith("latest.json") and not fired:
-            assert params.get("IfNoneMatch") == "*"
-            fired.append(publish_version(newer, s3.url("n")))
-
-    client.meta.events.register("before-parameter-build.s3.PutObject", competitor)
+    client = make_client()
+    fired, conditions = _race_before_put(client, "latest.json", lambda: publish_version(newer, s3.url("n")))
     result = publish_version(older, s3.url("n"), client=client)
+    assert fired and conditions[0] == "*"
     assert not result.latest_updated and _latest(s3, "n")["version"] == "vb"
 
 
@@ -265,15 +269,10 @@ def test_same_version_published_concurrently_is_written_once(s3, tmp_path):
     v1 = make_version(tmp_path / "a", "v1")
     twin = tmp_path / "b" / "tiny-test" / "v1"
     shutil.copytree(v1, twin)
-    client, fired = make_client(), []
-
-    def twin_first(params, **_):
-        if params["Key"].endswith("v1/manifest.json") and not fired:
-            assert params.get("IfNoneMatch") == "*"
-            fired.append(publish_version(twin, s3.url("s")))
-
-    client.meta.events.register("before-parameter-build.s3.PutObject", twin_first)
+    client = make_client()
+    fired, conditions = _race_before_put(client, "v1/manifest.json", lambda: publish_version(twin, s3.url("s")))
     result = publish_version(v1, s3.url("s"), client=client)
+    assert conditions[0] == "*"
     assert not fired[0].reused and result.reused and _latest(s3, "s")["version"] == "v1"
     assert fetch_version(s3.url("s", "tiny-test"), to=tmp_path / "f").name == "v1"
 
