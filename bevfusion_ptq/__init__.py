@@ -3,4 +3,4 @@
 The library never imports Prefect; ``tasks/`` and ``flows/`` wrap it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

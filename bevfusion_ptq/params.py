@@ -10,6 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from bevfusion_ptq.quant.rules import DEFAULT_EXCLUDE
 
 
+#: Default calibration size on the generated demo tree: enough to exercise every stage quickly.
+DEMO_CALIB_BATCHES = 8
+#: Default on a user's tree: the reference calibrates on 300 batches (its maintainers advise
+#: about 400 distinct keyframes rather than consecutive frames).
+REAL_CALIB_BATCHES = 300
+#: Below this many keyframes of a real tree, a run warns that the statistics are thin.
+MIN_REAL_CALIB_BATCHES = 100
+
+
 class PTQParams(BaseModel):
     """Everything that decides what a PTQ run produces (plus where it goes).
 
@@ -32,7 +41,13 @@ class PTQParams(BaseModel):
         None,
         description="nuScenes root holding samples/, sweeps/ and the info .pkl; default: a generated nuScenes-format tree",
     )
-    calib_batches: int = Field(8, ge=1, le=100_000, description="number of calibration batches (batch size 1)")
+    calib_batches: int | None = Field(
+        None, ge=1, le=100_000,
+        description="calibration batches, one distinct keyframe each (batch size 1). Default: 300 with "
+        "--data-root, as the reference calibrates (capped, with a warning, at the keyframes the info file "
+        "holds), and 8 on the generated demo tree. Fewer than 100 on a real tree is warned about: so few "
+        "keyframes rarely represent the data",
+    )
     calib_sampling: Literal["spread", "shuffle"] = Field(
         "spread", description="spread: keyframes evenly across scenes; shuffle: the reference's shuffled order"
     )
@@ -64,6 +79,13 @@ class PTQParams(BaseModel):
     sse_kms_key_id: str | None = Field(None, description="KMS key id for --sse aws:kms (default: the bucket's key)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="calibration device; auto picks cuda when available")
     seed: int = Field(0, ge=0, description="seed for generated data, random checkpoints and sampling")
+
+    @property
+    def requested_calib_batches(self) -> int:
+        """``calib_batches``, or the default for the data: a real tree gets the reference's 300."""
+        if self.calib_batches is not None:
+            return self.calib_batches
+        return DEMO_CALIB_BATCHES if self.data_root is None else REAL_CALIB_BATCHES
 
     @property
     def model_name(self) -> str:

@@ -36,7 +36,8 @@ def _summary_markdown(
         f"- config: `{params.config}` (sha256 `{str(inputs.get('config_sha256'))[:16]}…`)",
         f"- dataset fingerprint: `{str(inputs.get('dataset_fingerprint'))[:16]}…`"
         + (" (generated)" if inputs.get("dataset_generated") else ""),
-        f"- calibration: {params.calib_method}, {params.calib_batches} batches, {params.calib_sampling} sampling, "
+        f"- calibration: {params.calib_method}, {inputs.get('calibration', {}).get('batches')} batches, "
+        f"{params.calib_sampling} sampling, "
         f"{params.calib_pipeline} pipeline, excluded {', '.join(params.exclude) or 'nothing'}",
         "",
         "## Stage timings (s; a cached stage takes well under a second)",

@@ -117,7 +117,7 @@ def calibrate(params: PTQParams, ref: pipeline.StageRef, data: pipeline.DatasetR
         get_run_logger().info("attempt %d: resuming from the last saved calibration state", task_run.get_run_count())
     return pipeline.calibrate_stage(
         params, ref, data,
-        progress=_ProgressArtifact(params.calib_batches),
+        progress=_ProgressArtifact(len(data.tokens)),
         fail_at_batch=int(fail_at) if fail_at and first_attempt else None,
         deadline=time.monotonic() + CALIBRATE_TIMEOUT_S - 120,
     )

@@ -6,7 +6,7 @@ import spconv.pytorch as spconv
 import torch
 from torch import nn
 
-from bevfusion_ptq.sparse_cpu import serial_on_cpu
+from bevfusion_ptq.sparse_cpu import sparse_convs_on
 
 
 def _bn(bn: nn.modules.batchnorm._BatchNorm, gen: torch.Generator) -> nn.Module:
@@ -40,7 +40,7 @@ class SmallFusionNet(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         cam = self.camera(batch["img"])  # [B, 8, 8, 8]
         sp = spconv.SparseConvTensor(batch["features"], batch["coords"], [16, 16, 4], batch["img"].shape[0])
-        with serial_on_cpu(sp.features.device):  # plain spconv layers race on multi-threaded CPU
+        with sparse_convs_on(self.lidar, sp.features.device):  # as the model's sparse encoder does
             lidar = self.lidar(sp).dense()  # [B, 8, 16, 16, 2]
         b, c, h, w, d = lidar.shape
         lidar = lidar.permute(0, 1, 4, 2, 3).reshape(b, c * d, h, w)

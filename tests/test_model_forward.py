@@ -10,7 +10,7 @@ import torch
 from model_helpers import synthetic_batch, torch_threads
 
 from bevfusion_ptq.model import build_model, load_config, load_model, make_checkpoint
-from bevfusion_ptq.model.bev_pool import bev_pool
+from bevfusion_ptq.model.bev_pool import bev_pool, frustum_to_voxel_coords
 from bevfusion_ptq.model.builder import MODELS
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,38 @@ def test_bev_pool_matches_naive_loop() -> None:
     torch.testing.assert_close(fast, _naive_bev_pool(feats, coords, 2, grid))
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_frustum_cells_truncate_toward_zero(axis: int) -> None:
+    """The engine's rule, per axis: fractional index -> int toward zero; keep 0 <= i < n.
+
+    So -0.5 lands in cell 0 (a floor would drop it), -1.0 and -1.5 are dropped, n - 0.5
+    is the last cell and n is outside.
+    """
+    grid = (4, 5, 1)  # one z slice, like BEVFusion's 20 m slab
+    lower = torch.tensor([-2.0, -3.0, -10.0])
+    cell = torch.tensor([1.0, 1.5, 20.0])  # exact in binary, so each index is exact
+    n = grid[axis]
+    fractional = torch.tensor([-1.5, -1.0, -0.5, 0.0, n - 0.5, float(n)], dtype=torch.float64)
+    centre = torch.tensor([1.5, 2.5, 0.5], dtype=torch.float64)  # a valid index on the other axes
+    frac = centre.repeat(len(fractional), 1)
+    frac[:, axis] = fractional
+    geom = (lower.double() + frac * cell.double()).float()
+    coords = frustum_to_voxel_coords(geom, lower, cell)
+    assert coords[:, axis].tolist() == [-1, -1, 0, 0, n - 1, n]
+
+    feats = torch.arange(1, len(fractional) + 1, dtype=torch.float32).unsqueeze(1)
+    batch0 = torch.zeros(len(coords), 1, dtype=torch.long)
+    pooled = bev_pool(feats, torch.cat([batch0, coords], 1), 1, grid)
+    assert pooled.sum().item() == 3 + 4 + 5  # only the points at -0.5, 0 and n - 0.5
+    expected = torch.zeros_like(pooled)
+    x, y, z = centre.long().tolist()
+    for value, index in ((3 + 4, 0), (5, n - 1)):
+        cell_at = [x, y, z]
+        cell_at[axis] = index
+        expected[0, 0, cell_at[2], cell_at[0], cell_at[1]] += value  # one cell when n == 1
+    torch.testing.assert_close(pooled, expected)
+
+
 def _lidar_branch(cfg):
     lidar = cfg.model.encoders.lidar
     return MODELS.build(lidar.voxelize).eval(), MODELS.build(lidar.backbone).eval()
@@ -194,27 +226,62 @@ def test_build_model_registry_types(tiny_cfg) -> None:
     assert len(list(model.encoders.camera.neck.concats)) == 2
 
 
-def test_voxelize_backends_agree(tiny_cfg) -> None:
-    """mmcv's and spconv's hard voxelization give the same voxels, means and coordinates."""
+def _multi_sweep_cloud(sweeps: int, clustered: int, uniform: int, seed: int) -> torch.Tensor:
+    """A merged multi-sweep cloud in the r50 range, sweep after sweep (5 dims, last = time
+    lag): per sweep, ``clustered`` points tight around 300 fixed centres (voxels holding many
+    more than 10 points) and ``uniform`` points spread everywhere (many distinct voxels)."""
+    gen = torch.Generator().manual_seed(seed)
+    low, span = torch.tensor([-54.0, -54.0, -5.0]), torch.tensor([108.0, 108.0, 8.0])
+    centres = torch.rand(300, 3, generator=gen) * span + low
+    clouds = []
+    for sweep in range(sweeps):
+        near = centres[torch.randint(0, 300, (clustered,), generator=gen)] + 0.03 * torch.randn(clustered, 3, generator=gen)
+        far = torch.rand(uniform, 3, generator=gen) * span + low
+        xyz = torch.cat([near, far])[torch.randperm(clustered + uniform, generator=gen)]
+        n = clustered + uniform
+        clouds.append(torch.cat([xyz, 255 * torch.rand(n, 1, generator=gen), torch.full((n, 1), 0.05 * sweep)], 1))
+    return torch.cat(clouds)
+
+
+@pytest.mark.parametrize(
+    "name, max_voxels",
+    [("bevfusion-tiny", None), ("bevfusion-tiny", 2000), ("bevfusion-r50", None), ("bevfusion-r50", 5000)],
+)
+def test_voxelize_backends_identical(name: str, max_voxels: int | None) -> None:
+    """mmcv's op and the torch rule give the same voxels, order, kept points and mean bits,
+    under the voxel cap and over it (the same voxels dropped)."""
+    vox_cfg = dict(load_config(name).model.encoders.lidar.voxelize)
+    if max_voxels is not None:
+        vox_cfg["max_voxels"] = [max_voxels, max_voxels]
+    pts = _multi_sweep_cloud(sweeps=10, clustered=2000, uniform=1000, seed=len(name) + (max_voxels or 0))
+    outputs = {}
+    for backend in ("mmcv", "torch"):
+        vox = MODELS.build({**vox_cfg, "backend": backend}).eval()
+        outputs[backend] = (vox._voxelize(pts, vox.max_voxels[1]), vox([pts]))
+    (raw_m, (f_m, c_m, _)), (raw_t, (f_t, c_t, _)) = outputs["mmcv"], outputs["torch"]
+    for a, b in zip(raw_m, raw_t):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert torch.equal(c_m, c_t) and torch.equal(f_m, f_t)
+    counts = raw_m[2]
+    assert int(counts.max()) == vox.max_num_points  # some voxels held more points than they keep
+    assert (len(counts) == max_voxels) if max_voxels else (len(counts) < vox.max_voxels[1])
+
+
+def test_voxelize_orders_axes_xyz(tiny_cfg) -> None:
+    """Coordinates come out as (batch, ix, iy, iz), whichever backend voxelizes."""
     vox_cfg = dict(tiny_cfg.model.encoders.lidar.voxelize)
     gen = torch.Generator().manual_seed(2)
-    # clustered points so that voxels hold several points (and some more than 10)
     pts = torch.cat(
         [torch.rand(4000, 3, generator=gen) * torch.tensor([6.0, 6.0, 1.0]) + torch.tensor([3.0, -8.0, -1.0]),
          torch.rand(4000, 2, generator=gen)],
         dim=1,
     )
-    results = []
-    for backend in ("mmcv", "spconv"):
-        vox = MODELS.build({**vox_cfg, "backend": backend}).eval()
-        results.append(vox([pts]))
-    (f1, c1, _), (f2, c2, _) = results
-    assert torch.equal(c1.long(), c2.long())
-    torch.testing.assert_close(f1, f2)
-    assert c1.shape[1] == 4 and int(c1[:, 0].max()) == 0
-    # (x, y, z) order: x = 3..9 m -> ix = (57..63) / 0.45, z = -1..0 m -> iz = (4..5) / 0.4
-    assert int(c1[:, 1].min()) >= int(57 / 0.45) and int(c1[:, 1].max()) <= int(63 / 0.45)
-    assert int(c1[:, 3].min()) >= int(4 / 0.4) and int(c1[:, 3].max()) <= int(5 / 0.4)
+    for backend in ("mmcv", "torch"):
+        _, c1, _ = MODELS.build({**vox_cfg, "backend": backend}).eval()([pts])
+        assert c1.shape[1] == 4 and int(c1[:, 0].max()) == 0
+        # x = 3..9 m -> ix = (57..63) / 0.45, z = -1..0 m -> iz = (4..5) / 0.4
+        assert int(c1[:, 1].min()) >= int(57 / 0.45) and int(c1[:, 1].max()) <= int(63 / 0.45)
+        assert int(c1[:, 3].min()) >= int(4 / 0.4) and int(c1[:, 3].max()) <= int(5 / 0.4)
 
 
 class _PeakHeatmap(torch.nn.Module):
@@ -248,15 +315,11 @@ def test_head_decodes_rows_as_x(tiny_cfg) -> None:
 def test_whole_model_pickles(tiny_cfg, tiny_model, tmp_path) -> None:
     """The pipeline hands whole models between stages with torch.save / torch.load."""
     path = tmp_path / "model.pt"
-    voxelize = tiny_model.encoders.lidar.voxelize
     batch = synthetic_batch(tiny_cfg, num_points=3000, seed=9)
     with torch.no_grad():
-        voxelize.backend = "spconv"
-        before = tiny_model.extract_features(batch)  # fills the spconv generator cache
+        before = tiny_model.extract_features(batch)
         torch.save(tiny_model, path)
         loaded = torch.load(path, map_location="cpu", weights_only=False)
-        assert loaded.encoders.lidar.voxelize._point_to_voxel == {}  # device-bound cache dropped
         after = loaded.extract_features(batch)
-        voxelize.backend = "auto"
     for key in before:
         torch.testing.assert_close(after[key], before[key])

@@ -124,3 +124,43 @@ def test_sparse_conv_on_cpu_is_repeatable_under_our_guard():
     assert torch.get_num_threads() == threads  # restored
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
+
+
+def test_sparse_convs_built_for_cuda_run_on_cpu(tmp_path):
+    """A CUDA build of spconv gives every conv MaskImplicitGemm, which refuses CPU tensors
+    ("implicit gemm only support cuda"). The model, fused and quantized, still runs on the CPU
+    with that setting (Native is used there), gives the Native result, and keeps its own
+    algorithm for CUDA afterwards."""
+    from spconv.core import ConvAlgo
+    from spconv.pytorch.conv import SparseConvolution
+
+    from bevfusion_ptq.model.checkpoint import load_model, make_checkpoint
+    from bevfusion_ptq.model.config import load_config
+    from bevfusion_ptq.quant.fuse import fuse_bn
+    from bevfusion_ptq.quant.insert import insert_quantizers
+    from bevfusion_ptq.quant.rules import bevfusion_rules
+    from tests.model_helpers import synthetic_batch
+
+    cfg = load_config("bevfusion-tiny")
+    make_checkpoint(tmp_path / "tiny.pth", cfg, seed=3)
+    batch = synthetic_batch(cfg, num_points=4000, seed=3)
+    for prepare in (lambda m: None, lambda m: (insert_quantizers(m, bevfusion_rules()), fuse_bn(m))):
+        model = load_model(cfg, tmp_path / "tiny.pth")
+        prepare(model)
+        convs = [m for m in model.modules() if isinstance(m, SparseConvolution)]
+        with torch.no_grad():
+            native = model.extract_features(batch)["lidar_bev"]
+            conv = convs[0]
+            indices = torch.zeros(1, 4, dtype=torch.int32)
+            with_cuda_algo = spconv.SparseConvTensor(torch.zeros(1, conv.in_channels), indices, [8, 8, 8], 1)
+            for m in convs:
+                m.algo = ConvAlgo.MaskImplicitGemm  # what a CUDA build picks by default
+            try:
+                conv._conv_forward(False, with_cuda_algo, conv.weight, None)  # the bare spconv call
+            except AssertionError as exc:  # a CUDA torch says "implicit gemm only support cuda"
+                assert "implicit gemm" in str(exc) or "CUDA" in str(exc)
+            else:
+                raise AssertionError("spconv accepted a CPU tensor with MaskImplicitGemm; the test is void")
+            cuda_default = model.extract_features(batch)["lidar_bev"]
+        assert torch.equal(cuda_default, native)
+        assert all(m.algo == ConvAlgo.MaskImplicitGemm for m in convs)  # restored for CUDA

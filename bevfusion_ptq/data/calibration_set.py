@@ -136,12 +136,15 @@ def build_calibration_set(
     sampling: str = "spread",
     pipeline: str = "test",
     seed: int = 0,
+    cap: bool = False,
 ) -> CalibrationSet:
     """Choose ``num_samples`` keyframes of a nuScenes tree and describe how to load them.
 
     ``info_path`` None means ``<data_root>/nuscenes_infos_train.pkl`` (the reference calibrates
     on the train split); a relative path that does not exist is also tried under ``data_root``.
-    ``data_cfg`` is the config's ``data`` section (or the whole config).
+    ``data_cfg`` is the config's ``data`` section (or the whole config). A tree with fewer
+    keyframes than ``num_samples`` is an error, unless ``cap``: then every keyframe is taken
+    and a warning names both numbers (a default size meeting a small tree).
     """
     settings = DataSettings.from_cfg(data_cfg)
     check_pipeline(pipeline)
@@ -154,6 +157,12 @@ def build_calibration_set(
     info = read_info_file(path)
     if num_samples < 1:
         raise DatasetError(f"{path}: asked for {num_samples} calibration samples; need at least 1")
+    if num_samples > len(info) and cap:
+        log.warning(
+            "%s holds %d distinct keyframes, fewer than the default %d calibration batches: calibrating on all %d",
+            path, len(info), num_samples, len(info),
+        )
+        num_samples = len(info)
     if num_samples > len(info):
         raise DatasetError(
             f"{path} has only {len(info)} samples, fewer than the {num_samples} calibration batches requested"

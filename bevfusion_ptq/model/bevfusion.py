@@ -14,7 +14,6 @@ from mmengine.model import BaseModule
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DatasetError
-from ..sparse_cpu import serial_on_cpu
 
 #: batch keys the model reads (see the shared batch contract)
 REQUIRED_BATCH_KEYS = (
@@ -101,8 +100,7 @@ class BEVFusion(BaseModule):
         """Point clouds (list of ``[P_i, 5]``) -> lidar BEV ``[B, C*Z, X, Y]``."""
         lidar = self.encoders["lidar"]
         feats, coords, batch_size = lidar["voxelize"](points)
-        with serial_on_cpu(feats.device):  # spconv's CPU kernels race with several threads
-            return lidar["backbone"](feats, coords, batch_size)
+        return lidar["backbone"](feats, coords, batch_size)
 
     def extract_features(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Everything up to (not including) the head: the part that carries quantizers.

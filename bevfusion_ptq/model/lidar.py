@@ -22,33 +22,37 @@ from mmdet3d.models.middle_encoders import SparseEncoder
 from mmdet3d.registry import MODELS
 from torch import Tensor, nn
 
+from ..sparse_cpu import sparse_convs_on
+from .voxelize import hard_voxelize, mean_features
+
 if IS_SPCONV2_AVAILABLE:
     from spconv.pytorch import SparseConvTensor
-    from spconv.pytorch.utils import PointToVoxel
 else:  # pragma: no cover - mmcv's spconv 1.x port, CUDA only
     from mmcv.ops import SparseConvTensor
 
-    PointToVoxel = None
-
-VOXEL_BACKENDS = ("auto", "mmcv", "spconv")
+VOXEL_BACKENDS = ("auto", "mmcv", "torch")
 
 
 @MODELS.register_module()
 class HardVoxelize(nn.Module):
     """Hard voxelization (at most ``max_num_points`` per voxel), features averaged.
 
-    Uses an existing compiled op: mmcv's ``voxelization`` (CPU and CUDA), or spconv's
-    ``PointToVoxel`` (CPU and CUDA), which gives identical voxels. ``backend="auto"``
-    takes mmcv on the CPU and spconv on CUDA. Holds no parameters, so it adds no
-    state-dict keys.
+    Two implementations of one rule (:mod:`bevfusion_ptq.model.voxelize` states it):
+    mmcv's compiled ``voxelization`` op, the reference's, and the same rule in torch ops
+    (``torch``), which runs on any device. ``backend="auto"`` takes mmcv on the CPU and
+    torch on CUDA: mmcv's CUDA ops depend on how mmcv was built, and probing that
+    (``mmcv.ops.get_compiling_cuda_version``) crashed the process on the H200 with mmcv
+    2.1.0 built against CUDA 13. Both give the same voxels, in the same order, with the
+    same points and the same mean features (tests compare them bit for bit, over the
+    voxel cap too). Holds no parameters, so it adds no state-dict keys.
 
     Args:
         voxel_size: (x, y, z) voxel size in metres.
         point_cloud_range: (x_min, y_min, z_min, x_max, y_max, z_max).
         max_num_points: points kept per voxel.
         max_voxels: (train, test) voxel budgets; eval mode uses the second.
-        deterministic: use mmcv's deterministic CUDA path (the CPU path always is).
-        backend: ``auto``, ``mmcv`` or ``spconv``.
+        deterministic: kept for config compatibility; both backends are deterministic.
+        backend: ``auto``, ``mmcv`` or ``torch``.
     """
 
     def __init__(
@@ -63,10 +67,7 @@ class HardVoxelize(nn.Module):
         super().__init__()
         if backend not in VOXEL_BACKENDS:
             raise ValueError(f"voxelization backend {backend!r} is not one of {VOXEL_BACKENDS}")
-        if backend == "spconv" and PointToVoxel is None:
-            raise ValueError("voxelization backend 'spconv' needs spconv 2.x installed")
         self.backend = backend
-        self._point_to_voxel: dict[tuple[str, int], object] = {}
         self.voxel_size = [float(v) for v in voxel_size]
         self.point_cloud_range = [float(v) for v in point_cloud_range]
         self.max_num_points = int(max_num_points)
@@ -77,25 +78,11 @@ class HardVoxelize(nn.Module):
         extent = [hi - lo for lo, hi in zip(self.point_cloud_range[:3], self.point_cloud_range[3:])]
         self.grid_size = [int(round(e / v)) for e, v in zip(extent, self.voxel_size)]
 
-    def __getstate__(self) -> dict:
-        """Pickle without the cached spconv generators (device-bound C++ state); they are
-        rebuilt on first use. The pipeline pickles whole models between stages."""
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
-        state["_point_to_voxel"] = {}
-        return state
-
     def backend_for(self, device: torch.device) -> str:
         """The backend that will voxelize points on ``device``."""
         if self.backend != "auto":
             return self.backend
-        # On CUDA take spconv: it is there whenever the sparse backbone runs, while mmcv's
-        # CUDA ops depend on how mmcv was built, and probing that (mmcv.ops
-        # get_compiling_cuda_version) crashed the process on the H200 with mmcv 2.1.0 built
-        # against CUDA 13.
-        if device.type == "cuda" and PointToVoxel is not None:
-            return "spconv"
-        return "mmcv"
+        return "mmcv" if device.type == "cpu" else "torch"
 
     def _voxelize(self, pts: Tensor, budget: int) -> tuple[Tensor, Tensor, Tensor]:
         """(voxels [M, max_points, C], coords [M, 3] as (z, y, x), counts [M]) of one cloud."""
@@ -103,17 +90,7 @@ class HardVoxelize(nn.Module):
             return voxelization(
                 pts, self.voxel_size, self.point_cloud_range, self.max_num_points, budget, self.deterministic
             )
-        key = (str(pts.device), budget)
-        if key not in self._point_to_voxel:  # PointToVoxel is bound to one device
-            self._point_to_voxel[key] = PointToVoxel(
-                vsize_xyz=self.voxel_size,
-                coors_range_xyz=self.point_cloud_range,
-                num_point_features=pts.shape[1],
-                max_num_voxels=budget,
-                max_num_points_per_voxel=self.max_num_points,
-                device=pts.device,
-            )
-        return self._point_to_voxel[key](pts)
+        return hard_voxelize(pts, self.voxel_size, self.point_cloud_range, self.grid_size, self.max_num_points, budget)
 
     def forward(self, points: Sequence[Tensor]) -> tuple[Tensor, Tensor, int]:
         """Voxelize every sample of the batch.
@@ -126,9 +103,8 @@ class HardVoxelize(nn.Module):
         feats, coords = [], []
         for b, pts in enumerate(points):
             voxels, coors, counts = self._voxelize(pts.contiguous(), budget)
-            counts = counts.clamp(min=1).to(voxels.dtype).unsqueeze(1)
-            feats.append(voxels.sum(dim=1) / counts)
-            # both ops write (z, y, x); flip to the reference's (x, y, z), then prepend batch.
+            feats.append(mean_features(voxels, counts))
+            # both backends write (z, y, x); flip to the reference's (x, y, z), then prepend batch.
             coords.append(F.pad(coors.flip(-1), (1, 0), mode="constant", value=b))
         return torch.cat(feats, dim=0), torch.cat(coords, dim=0), len(points)
 
@@ -180,9 +156,10 @@ class BEVSparseEncoder(SparseEncoder):
     def forward(self, voxel_features: Tensor, coors: Tensor, batch_size: int) -> Tensor:
         """Sparse features at (batch, ix, iy, iz) -> dense BEV ``[B, C*Z', X', Y']``."""
         x = SparseConvTensor(voxel_features, coors.int(), list(self.sparse_shape), batch_size)
-        x = self.conv_input(x)
-        for encoder_layer in self.encoder_layers:
-            x = encoder_layer(x)
-        dense = self.conv_out(x).dense()  # [B, C, X, Y, Z]
+        with sparse_convs_on(self, voxel_features.device):  # spconv's CPU path needs care
+            x = self.conv_input(x)
+            for encoder_layer in self.encoder_layers:
+                x = encoder_layer(x)
+            dense = self.conv_out(x).dense()  # [B, C, X, Y, Z]
         batch, channels, nx, ny, nz = dense.shape
         return dense.permute(0, 1, 4, 2, 3).reshape(batch, channels * nz, nx, ny)

@@ -93,7 +93,7 @@ def calibrate_stage(
     folder.mkdir(parents=True, exist_ok=True)
     state_path = folder / STATE_FILE
     device = resolve_device(params.device)
-    total = params.calib_batches
+    total = len(data.tokens)  # the dataset stage settled the count (a default may be capped)
     try:
         model = load_model(ref).to(device).eval()
         start = 0

@@ -22,7 +22,7 @@ def fidelity_key(params: PTQParams, ref: StageRef, data: DatasetRef) -> str:
 
 
 def fidelity_stage(params: PTQParams, ref: StageRef, data: DatasetRef) -> FidelityRef:
-    """Report on ``min(fidelity_batches, calib_batches)`` samples; 0 switches it off."""
+    """Report on ``min(fidelity_batches, calibration batches)`` samples; 0 switches it off."""
     key = fidelity_key(params, ref, data)
     if params.fidelity_batches == 0:
         return FidelityRef(key=key, path=None, summary={}, markdown="Fidelity report switched off (--fidelity-batches 0).")

@@ -13,7 +13,7 @@ import torch
 
 from bevfusion_ptq.errors import CheckpointError, ConfigError
 from bevfusion_ptq.hashing import data_sha256, file_sha256
-from bevfusion_ptq.params import PTQParams
+from bevfusion_ptq.params import MIN_REAL_CALIB_BATCHES, REAL_CALIB_BATCHES, PTQParams
 from bevfusion_ptq.pipeline.keys import stage_key
 from bevfusion_ptq.pipeline.refs import CheckpointRef, DatasetRef
 from bevfusion_ptq.workdir import state_dir
@@ -109,7 +109,7 @@ def random_checkpoint_path(params: PTQParams) -> Path:
 
 def generated_root(params: PTQParams) -> Path:
     # The generator keeps its last scene for val: one scene more than the batches need.
-    scenes = max(2, math.ceil(params.calib_batches / GENERATED_FRAMES) + 1)
+    scenes = max(2, math.ceil(params.requested_calib_batches / GENERATED_FRAMES) + 1)
     return state_dir() / "data" / f"generated-{scenes}x{GENERATED_FRAMES}-seed{params.seed}"
 
 
@@ -129,19 +129,29 @@ def prepare_dataset_key(params: PTQParams) -> str:
     )
 
 
-def calibration_set(params: PTQParams, data_root: Path, info_path: str | None = None) -> Any:
-    """The calibration set the parameters describe (the stages that read batches rebuild it)."""
+def calibration_set(
+    params: PTQParams, data_root: Path, num_samples: int, info_path: str | None = None, *, cap: bool = False
+) -> Any:
+    """``num_samples`` keyframes chosen as the parameters say (the stages that read batches
+    rebuild the set from the count the dataset stage settled on); ``cap`` takes all the
+    keyframes when the tree holds fewer."""
     from bevfusion_ptq.data import build_calibration_set
 
     cfg, _ = config_identity(params)
     return build_calibration_set(
-        data_root, info_path, cfg.data, params.calib_batches,
-        sampling=params.calib_sampling, pipeline=params.calib_pipeline, seed=params.seed,
+        data_root, info_path, cfg.data, num_samples,
+        sampling=params.calib_sampling, pipeline=params.calib_pipeline, seed=params.seed, cap=cap,
     )
 
 
 def prepare_dataset(params: PTQParams) -> DatasetRef:
-    """Choose the calibration samples (generating a nuScenes-format tree when none is given)."""
+    """Choose the calibration samples (generating a nuScenes-format tree when none is given).
+
+    The number of batches is ``--calib-batches``, or the default for the data
+    (:attr:`PTQParams.requested_calib_batches`): on a real tree that default is capped at the
+    keyframes it holds, while an explicit request larger than the tree fails. A real tree
+    calibrated on fewer than :data:`MIN_REAL_CALIB_BATCHES` keyframes is warned about.
+    """
     from bevfusion_ptq.data import make_dataset
 
     generated = params.data_root is None
@@ -153,7 +163,15 @@ def prepare_dataset(params: PTQParams) -> DatasetRef:
             make_dataset(root, scenes=scenes, frames=GENERATED_FRAMES, seed=params.seed)
     else:
         root = Path(params.data_root)
-    calib = calibration_set(params, root)
+    calib = calibration_set(
+        params, root, params.requested_calib_batches, cap=not generated and params.calib_batches is None
+    )
+    if not generated and len(calib) < MIN_REAL_CALIB_BATCHES:
+        log.warning(
+            "calibrating on %d keyframes of a real tree: the reference uses %d batches and its maintainers "
+            "advise about 400 distinct keyframes; fewer than %d rarely represent the data",
+            len(calib), REAL_CALIB_BATCHES, MIN_REAL_CALIB_BATCHES,
+        )
     return DatasetRef(
         data_root=str(root),
         info_path=str(calib.info_path),
@@ -165,7 +183,7 @@ def prepare_dataset(params: PTQParams) -> DatasetRef:
 
 def open_calibration_set(params: PTQParams, data: DatasetRef) -> Any:
     """The chosen set again, refusing data that changed since it was chosen."""
-    calib = calibration_set(params, Path(data.data_root), data.info_path)
+    calib = calibration_set(params, Path(data.data_root), len(data.tokens), data.info_path)
     if calib.fingerprint != data.fingerprint:
         raise ConfigError(
             f"calibration data under {data.data_root} changed since it was chosen; "

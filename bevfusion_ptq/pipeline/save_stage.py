@@ -103,7 +103,7 @@ def save_artifacts_stage(
                 "sampling": params.calib_sampling,
                 "pipeline": params.calib_pipeline,
                 "percentile": params.percentile,
-                "batches": params.calib_batches,
+                "batches": len(data.tokens),
                 "exclude": params.exclude,
                 "seed": params.seed,
             },

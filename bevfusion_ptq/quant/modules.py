@@ -18,7 +18,7 @@ from pytorch_quantization import nn as quant_nn
 from pytorch_quantization.tensor_quant import QuantDescriptor
 from torch import nn
 
-from bevfusion_ptq.sparse_cpu import serial_on_cpu
+from bevfusion_ptq.sparse_cpu import sparse_convs_on
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -53,7 +53,8 @@ class _SparseConvForward:
     spconv fuses the bias into its kernel in eval mode and its CPU path refuses that ("cpu
     don't support act and bias"), yet every sparse conv has a bias once BN is folded into
     it. On the CPU the bias is added to the output features instead, which is the same sum,
-    and the conv runs single-threaded (see :mod:`bevfusion_ptq.sparse_cpu`).
+    and the conv runs single-threaded with spconv's Native algorithm, whichever spconv build
+    is installed (see :mod:`bevfusion_ptq.sparse_cpu`).
 
     ``act_type`` (set by :func:`bevfusion_ptq.quant.fold_relu.fold_relu` for the exporter) is
     applied here after the bias rather than inside spconv's kernel: the CPU kernel refuses
@@ -63,7 +64,7 @@ class _SparseConvForward:
     def _sparse_forward(self, input: spconv.SparseConvTensor, weight: torch.Tensor, add_input=None):  # noqa: A002
         bias = self.bias
         fused_bias = bias if (bias is None or input.features.is_cuda) else None
-        with serial_on_cpu(input.features.device):
+        with sparse_convs_on(self, input.features.device):
             out = self._conv_forward(
                 self.training,
                 input,
