@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from mmdet.models.losses import FocalLoss, GaussianFocalLoss, L1Loss
 from mmdet.models.task_modules.assigners.match_cost import FocalLossCost
-from mmdet3d.models.utils import clip_sigmoid, draw_heatmap_gaussian, gaussian_radius
+from mmdet3d.models.utils import clip_sigmoid
+from mmdet3d.models.utils.gaussian import draw_heatmap_gaussian, gaussian_radius
 from mmengine.structures import InstanceData
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn

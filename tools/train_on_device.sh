@@ -4,8 +4,8 @@
 #   2. train (epochs planned after epoch 1 to fit what is left, hard stop before the end);
 #   3. measure the saved checkpoint on val, loading it the way a PTQ run does.
 # Everything that should come back lands in $OUT (checkpoint after every epoch, so a failure
-# keeps the last finished one): bevfusion-tiny.pth, train_report.json, train.log,
-# tree.json, driver.log.
+# keeps the last finished one): bevfusion-tiny.pth and bevfusion-tiny.json (the pair to commit
+# to bevfusion_ptq/checkpoints/), train_report.json, train.log, tree.json, driver.log.
 #
 #   OUT=/some/dir bash tools/train_on_device.sh [TOTAL_SECONDS] [TRAIN_SHARDS] [extra train_tiny.py args...]
 #
@@ -14,7 +14,10 @@
 set -uo pipefail
 TOTAL=${1:-540}
 TRAIN_SHARDS=${2:-52}
+export TRAIN_DRIVER_COMMAND="bash tools/train_on_device.sh $*"
 shift $(( $# < 2 ? $# : 2 ))
+VAL_SHARDS=${VAL_SHARDS:-5}
+SCENES_PER_SHARD=${SCENES_PER_SHARD:-4}
 OUT=${OUT:?set OUT to the folder that comes back}
 TREE=${TREE:-/tmp/bevfusion-tiny-tree}
 PY=${PYTHON:-python3}
@@ -25,11 +28,13 @@ exec > >(tee -a "$OUT/driver.log") 2>&1
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 echo "[driver] $(date -u +%FT%TZ) total budget ${TOTAL}s, ${CPUS} cpus, ${WORKERS} loader workers, tree $TREE"
-echo "[driver] command: bash tools/train_on_device.sh $TOTAL $TRAIN_SHARDS $*"
+echo "[driver] command: $TRAIN_DRIVER_COMMAND"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+df -h /dev/shm "$(dirname "$TREE")" | sed 's/^/[driver] /' || true
 
 rm -rf "$TREE"
-$PY tools/make_training_tree.py "$TREE" --train-shards "$TRAIN_SHARDS" --val-shards 5 --workers "$CPUS" || exit 1
+$PY tools/make_training_tree.py "$TREE" --train-shards "$TRAIN_SHARDS" --val-shards "$VAL_SHARDS" \
+    --scenes-per-shard "$SCENES_PER_SHARD" --workers "$CPUS" || exit 1
 cp "$TREE/tree.json" "$OUT/tree.json"
 echo "[driver] tree done at $(elapsed)s ($(du -sh "$TREE" | cut -f1))"
 

@@ -68,6 +68,20 @@ LOG_NAME = "train.log"
 FP32_KEEP = ("vtransform.frustum", "vtransform.dx", "vtransform.bx", "running_mean", "running_var")
 
 
+def allow_cpu_sparse_backward() -> None:
+    """Let spconv's sparse-conv backward run with a CPU-only torch (CPU toy runs, tests).
+
+    spconv 2.3.8's ``indice_conv_backward`` asks torch for the current CUDA stream before it
+    looks at the device, which raises on a torch built without CUDA, although its CPU branch
+    never uses the stream. Without CUDA we hand it stream 0; with CUDA nothing changes.
+    """
+    if torch.cuda.is_available():
+        return
+    from spconv.pytorch import ops
+
+    ops.get_current_stream = lambda: 0
+
+
 # --------------------------------------------------------------------------- data
 class KeyframeDataset(Dataset):
     """Item ``k`` is keyframe ``k % N`` at position ``k`` of the pipeline's random stream, so
@@ -238,6 +252,7 @@ def train(ns: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
+    allow_cpu_sparse_backward()
     cfg = load_config("bevfusion-tiny")
     settings = DataSettings.from_cfg(cfg)
     class_names = list(cfg.data.class_names)
@@ -423,7 +438,41 @@ def evaluate_checkpoint(ns: argparse.Namespace) -> int:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data["val"] = result
     Report(path, data)
+    if Path(ns.evaluate).resolve() == (Path(ns.out) / CHECKPOINT_NAME).resolve():
+        write_record(Path(ns.out), data)
     return 0
+
+
+def write_record(out: Path, report: dict[str, Any]) -> Path:
+    """``bevfusion-tiny.json``: what ships beside the checkpoint in ``bevfusion_ptq/checkpoints``."""
+    ckpt = out / CHECKPOINT_NAME
+    epochs = report.get("epochs", [])
+    record = {
+        "file": CHECKPOINT_NAME,
+        "sha256": file_sha256(ckpt),
+        "bytes": ckpt.stat().st_size,
+        "config": "bevfusion-tiny",
+        "layout": "mmcv dict {state_dict, meta}; sparse weights spconv 1.x; fp16 except " + ", ".join(FP32_KEEP),
+        "training_command": os.environ.get("TRAIN_DRIVER_COMMAND") or report.get("command"),
+        "train_tiny_command": report.get("command"),
+        "generator": report.get("tree"),
+        "host": report.get("host"),
+        "training": {
+            "train_keyframes": report.get("train_keyframes"),
+            "batch_size": report.get("args", {}).get("batch_size"),
+            "epochs_planned": report.get("epochs_planned"),
+            "epochs_done": len([e for e in epochs if e.get("complete")]),
+            "steps": report.get("steps"),
+            "seconds": report.get("train_seconds"),
+            "stop_reason": report.get("stop_reason"),
+            "final_losses": report.get("final_losses"),
+            "first_epoch_losses": epochs[0]["mean_losses"] if epochs else None,
+        },
+        "val": report.get("val"),
+    }
+    path = out / "bevfusion-tiny.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
