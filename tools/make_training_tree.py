@@ -14,7 +14,7 @@ into ``<root>/samples`` and ``<root>/sweeps``: file names carry timestamps that
 rewriting. Same arguments, same bytes (each shard is deterministic for its seed, and shards
 are merged in seed order).
 
-    python tools/make_training_tree.py /data/tree --train-shards 52 --val-shards 5 --workers 16
+    python tools/make_training_tree.py /data/tree --train-shards 59 --val-shards 5 --workers 16
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _merge(root: Path, shard_dirs: list[Path], info_name: str) -> int:
 
 def make_training_tree(
     root: str | Path,
-    train_shards: int = 52,
+    train_shards: int = 59,
     val_shards: int = 5,
     scenes_per_shard: int = 4,
     frames: int = 10,
@@ -119,7 +119,7 @@ def make_training_tree(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", help="where to write the tree")
-    ap.add_argument("--train-shards", type=int, default=52)
+    ap.add_argument("--train-shards", type=int, default=59)
     ap.add_argument("--val-shards", type=int, default=5)
     ap.add_argument("--scenes-per-shard", type=int, default=4)
     ap.add_argument("--frames", type=int, default=10, help="keyframes per scene (0.5 s apart)")

@@ -229,6 +229,13 @@ def evaluate(
     }
 
 
+def _monotonic_at(unix_time: float | None) -> float:
+    """A wall-clock (Unix) time as a ``perf_counter`` reading; inf for None."""
+    if unix_time is None:
+        return math.inf
+    return time.perf_counter() + (unix_time - time.time())
+
+
 class Report:
     """``train_report.json``, rewritten atomically whenever something is added."""
 
@@ -312,7 +319,10 @@ def train(ns: argparse.Namespace) -> int:
 
     step = 0
     stop_reason = "epochs done"
-    deadline = started + ns.max_minutes * 60 if ns.max_minutes else math.inf
+    # Wall-clock limits: relative to this process's start, or absolute (a driver's budget
+    # that includes what ran before this process).
+    deadline = min(started + ns.max_minutes * 60 if ns.max_minutes else math.inf, _monotonic_at(ns.stop_at))
+    plan_until = min(started + ns.train_minutes * 60, _monotonic_at(ns.plan_until))
     epoch = 0
     try:
         while planned_epochs is None or epoch < planned_epochs:
@@ -338,14 +348,15 @@ def train(ns: argparse.Namespace) -> int:
                 optimizer.step()
                 step += 1
                 done += 1
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
+                values = {name: float(value.detach()) for name, value in losses.items()}
+                for name, value in values.items():
+                    sums[name] = sums.get(name, 0.0) + value
                 if step % ns.log_every == 0 or step == 1:
                     log.info(
                         "epoch %d step %d/%d (total %d) loss %.4f (heatmap %.4f cls %.4f bbox %.4f) matched %.1f "
                         "grad %.2f lr %.2e | %.1f samples/s, data wait %.0f%%",
-                        epoch + 1, done, epoch_steps, step, float(losses["loss"]), float(losses["loss_heatmap"]),
-                        float(losses["loss_cls"]), float(losses["loss_bbox"]), float(losses["matched"]) / ns.batch_size,
+                        epoch + 1, done, epoch_steps, step, values["loss"], values["loss_heatmap"],
+                        values["loss_cls"], values["loss_bbox"], values["matched"] / ns.batch_size,
                         float(grad_norm), schedule.lr(step - 1), done * ns.batch_size / (time.perf_counter() - epoch_start),
                         100 * wait / (time.perf_counter() - epoch_start),
                     )
@@ -364,12 +375,12 @@ def train(ns: argparse.Namespace) -> int:
             }
             epoch += 1
             if planned_epochs is None:
-                budget = ns.train_minutes * 60 - (time.perf_counter() - started)
+                budget = plan_until - time.perf_counter()
                 planned_epochs = max(epoch, epoch + int(budget // seconds))
                 schedule.total_steps = planned_epochs * epoch_steps
                 report.data["epochs_planned"] = planned_epochs
-                log.info("epoch 1 took %.1f s: planning %d epochs (%d steps) for %.1f min", seconds,
-                         planned_epochs, schedule.total_steps, ns.train_minutes)
+                log.info("epoch 1 took %.1f s: planning %d epochs (%d steps) in the %.0f s left", seconds,
+                         planned_epochs, schedule.total_steps, budget)
             meta = {
                 "config": "bevfusion-tiny", "trained_by": "tools/train_tiny.py", "seed": ns.seed,
                 "epochs_done": epoch if finished else epoch - 1 + done / epoch_steps,
@@ -486,6 +497,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--epochs", default="auto", help="epoch count, or 'auto' (fit --train-minutes)")
     ap.add_argument("--train-minutes", type=float, default=6.0, help="budget that --epochs auto plans for")
     ap.add_argument("--max-minutes", type=float, default=0.0, help="hard stop at a step boundary (0: none)")
+    ap.add_argument("--plan-until", type=float, default=None, metavar="UNIX_TIME",
+                    help="--epochs auto plans to end by this wall-clock time (and within --train-minutes)")
+    ap.add_argument("--stop-at", type=float, default=None, metavar="UNIX_TIME",
+                    help="hard stop at a step boundary at this wall-clock time (and within --max-minutes)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.01)
