@@ -322,8 +322,12 @@ def train(ns: argparse.Namespace) -> int:
     # Wall-clock limits: relative to this process's start, or absolute (a driver's budget
     # that includes what ran before this process).
     deadline = min(started + ns.max_minutes * 60 if ns.max_minutes else math.inf, _monotonic_at(ns.stop_at))
-    plan_until = min(started + ns.train_minutes * 60, _monotonic_at(ns.plan_until))
+    plan_until = min(started + ns.train_minutes * 60 if ns.train_minutes else math.inf, _monotonic_at(ns.plan_until))
+    if planned_epochs is None and plan_until == math.inf:
+        raise SystemExit("--epochs auto needs --train-minutes or --plan-until")
     epoch = 0
+    quarter = max(1, epoch_steps // 4)  # epoch 1's rate is measured after its first quarter (warm-up)
+    quarter_time = 0.0
     try:
         while planned_epochs is None or epoch < planned_epochs:
             model.train()
@@ -348,6 +352,8 @@ def train(ns: argparse.Namespace) -> int:
                 optimizer.step()
                 step += 1
                 done += 1
+                if done == quarter:
+                    quarter_time = time.perf_counter()
                 values = {name: float(value.detach()) for name, value in losses.items()}
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value
@@ -376,11 +382,14 @@ def train(ns: argparse.Namespace) -> int:
             epoch += 1
             if planned_epochs is None:
                 budget = plan_until - time.perf_counter()
-                planned_epochs = max(epoch, epoch + int(budget // seconds))
+                steady = seconds
+                if done > quarter:  # steady-state epoch time, without start-up and warm-up
+                    steady = (time.perf_counter() - quarter_time) / (done - quarter) * epoch_steps
+                planned_epochs = max(epoch, epoch + int(budget // steady))
                 schedule.total_steps = planned_epochs * epoch_steps
                 report.data["epochs_planned"] = planned_epochs
-                log.info("epoch 1 took %.1f s: planning %d epochs (%d steps) in the %.0f s left", seconds,
-                         planned_epochs, schedule.total_steps, budget)
+                log.info("epoch 1 took %.1f s (steady state %.1f s an epoch): planning %d epochs (%d steps) "
+                         "in the %.0f s left", seconds, steady, planned_epochs, schedule.total_steps, budget)
             meta = {
                 "config": "bevfusion-tiny", "trained_by": "tools/train_tiny.py", "seed": ns.seed,
                 "epochs_done": epoch if finished else epoch - 1 + done / epoch_steps,
@@ -495,7 +504,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--evaluate", default=None, metavar="CHECKPOINT",
                     help="only measure this checkpoint on the val infos (no training)")
     ap.add_argument("--epochs", default="auto", help="epoch count, or 'auto' (fit --train-minutes)")
-    ap.add_argument("--train-minutes", type=float, default=6.0, help="budget that --epochs auto plans for")
+    ap.add_argument("--train-minutes", type=float, default=None, help="budget that --epochs auto plans for")
     ap.add_argument("--max-minutes", type=float, default=0.0, help="hard stop at a step boundary (0: none)")
     ap.add_argument("--plan-until", type=float, default=None, metavar="UNIX_TIME",
                     help="--epochs auto plans to end by this wall-clock time (and within --train-minutes)")
