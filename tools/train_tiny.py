@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -537,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(message)s",
         handlers=[logging.StreamHandler(), logging.FileHandler(Path(ns.out) / LOG_NAME)],
     )
+    # A timeout's SIGTERM becomes SystemExit, so the report records where training stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return evaluate_checkpoint(ns) if ns.evaluate else train(ns)
 
 
