@@ -34,7 +34,9 @@ class PTQParams(BaseModel):
     )
     checkpoint: str | None = Field(
         None,
-        description="checkpoint file (mmcv dict or bare state dict); default: a random-weight "
+        description="checkpoint file (mmcv dict or bare state dict), s3:// URL, or 'random'; default: for "
+        "bevfusion-tiny the trained checkpoint shipped in the package (bevfusion_ptq/checkpoints, trained on "
+        "generated data by tools/train_tiny.py), for other configs random weights; 'random': a random-weight "
         "checkpoint in the reference layout, written once under the state directory",
     )
     data_root: str | None = Field(

@@ -86,16 +86,30 @@ def _strip_module_prefix(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], b
     return state, False
 
 
+def _upcast_half(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
+    """fp16/bf16 tensors -> fp32: checkpoints may store half precision to stay small (the
+    embedded bevfusion-tiny does), while the model and every stage after it run in fp32."""
+    half = [k for k, v in state.items() if v.dtype in (torch.float16, torch.bfloat16)]
+    if not half:
+        return state, 0
+    out = dict(state)
+    for key in half:
+        out[key] = state[key].float()
+    return out, len(half)
+
+
 def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a checkpoint file into (state dict without ``module.``, info).
 
     ``info`` holds ``format`` (mmcv / state_dict / module), ``module_prefix`` (stripped or
-    not) and ``meta`` (the mmcv meta dict, possibly empty).
+    not), ``upcast`` (how many fp16/bf16 tensors were restored to fp32) and ``meta`` (the
+    mmcv meta dict, possibly empty).
     """
     path = Path(path)
     state, meta, fmt = _unwrap(_torch_load(path, trust_pickle), path)
     state, stripped = _strip_module_prefix(state)
-    return state, {"format": fmt, "module_prefix": stripped, "meta": meta}
+    state, upcast = _upcast_half(state)
+    return state, {"format": fmt, "module_prefix": stripped, "upcast": upcast, "meta": meta}
 
 
 # --------------------------------------------------------------------------- sparse layout
@@ -232,7 +246,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, trust_pickle: bool = 
             when unpickled; only for files from a trusted source. Default: weights only.
 
     Returns:
-        Summary: ``path``, ``format``, ``module_prefix``, ``num_keys``, ``num_parameters``
+        Summary: ``path``, ``format``, ``module_prefix``, ``upcast_to_fp32`` (fp16 tensors
+        restored to fp32), ``num_keys``, ``num_parameters``
         (elements of the model's parameters), ``sparse_layout`` found (spconv1 / spconv2 /
         none), ``sparse_tensors``, ``sparse_converted`` and ``meta``.
 
@@ -259,6 +274,7 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], info: dict[str, Any]
         "path": str(path),
         "format": info["format"],
         "module_prefix": info["module_prefix"],
+        "upcast_to_fp32": info.get("upcast", 0),
         "num_keys": len(state),
         "num_parameters": _count_parameters(model),
         "sparse_layout": report["layout"],

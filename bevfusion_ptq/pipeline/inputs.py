@@ -1,4 +1,4 @@
-"""The run's inputs: the checkpoint (given, fetched from S3, or random) and the calibration data."""
+"""The run's inputs: the checkpoint (given, fetched from S3, embedded, or random) and the calibration data."""
 
 from __future__ import annotations
 
@@ -59,8 +59,13 @@ def _file_stamp(path: Path) -> dict[str, Any]:
 
 def _checkpoint_identity(params: PTQParams) -> dict[str, Any]:
     """What the checkpoint stage will read, without reading it: a stat, an ETag, or the seed."""
+    from bevfusion_ptq.model.embedded import RANDOM, embedded_checkpoint
+
     source = params.checkpoint
-    if not source:
+    embedded = embedded_checkpoint(params.config) if not source else None
+    if embedded is not None:
+        return {"embedded": _file_stamp(embedded)}
+    if not source or source == RANDOM:
         return {"random": config_identity(params)[1], "seed": params.seed}
     if source.startswith("s3://"):
         from bevfusion_ptq.s3.fetch import remote_identity
@@ -77,11 +82,21 @@ def prepare_checkpoint_key(params: PTQParams) -> str:
 
 
 def prepare_checkpoint(params: PTQParams) -> CheckpointRef:
-    """The user's checkpoint (downloaded first when it is an s3:// URL), hashed; or a random
-    reference-layout one, written once per config and seed."""
+    """The user's checkpoint (downloaded first when it is an s3:// URL), hashed; without one,
+    the config's embedded checkpoint (bevfusion-tiny) or else a random reference-layout one,
+    written once per config and seed; ``random`` asks for the random one explicitly."""
     from bevfusion_ptq.model.checkpoint import make_checkpoint
+    from bevfusion_ptq.model.embedded import RANDOM, embedded_checkpoint, verify_embedded
 
     source = params.checkpoint
+    embedded = embedded_checkpoint(params.config) if not source else None
+    if embedded is not None:
+        sha = file_sha256(embedded)
+        verify_embedded(embedded, sha)
+        log.info("no --checkpoint given: using the embedded trained checkpoint %s", embedded)
+        return CheckpointRef(path=str(embedded), sha256=sha, generated=False, source=f"embedded:{embedded.name}")
+    if source == RANDOM:
+        source = None
     if source and source.startswith("s3://"):
         from bevfusion_ptq.s3 import download_checkpoint
 
@@ -96,7 +111,7 @@ def prepare_checkpoint(params: PTQParams) -> CheckpointRef:
     path = random_checkpoint_path(params)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        log.info("no --checkpoint given: writing a random-weight checkpoint to %s", path)
+        log.info("writing a random-weight checkpoint to %s", path)
         partial = path.with_name(f".{path.name}.{os.getpid()}")  # never leave a truncated file
         make_checkpoint(partial, cfg, seed=params.seed)
         partial.replace(path)

@@ -22,7 +22,11 @@ from bevfusion_ptq.workdir import stage_dir, stage_output
 
 
 def _checkpoint_present(params: PTQParams) -> bool:
-    if not params.checkpoint:
+    from bevfusion_ptq.model.embedded import RANDOM, embedded_checkpoint
+
+    if not params.checkpoint and embedded_checkpoint(params.config) is not None:
+        return True
+    if not params.checkpoint or params.checkpoint == RANDOM:
         return stage_inputs.random_checkpoint_path(params).is_file()
     if params.checkpoint.startswith("s3://"):
         return False  # cheap to re-check: the download is reused while the ETag holds

@@ -15,7 +15,7 @@ class CheckpointRef(BaseModel):
     path: str
     sha256: str
     generated: bool
-    source: str  # what the user named: a path, an s3:// URL, or "random" for a generated one
+    source: str  # what the user named: a path, an s3:// URL, "random" for a generated one, or "embedded:<file>"
 
 
 class DatasetRef(BaseModel):
