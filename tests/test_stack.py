@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import spconv.pytorch as spconv
+from spconv.core import ConvAlgo
 import torch
 from pytorch_quantization import nn as quant_nn
 from pytorch_quantization.tensor_quant import QuantDescriptor
@@ -15,7 +16,8 @@ from bevfusion_ptq.quant import compat
 
 def test_spconv_submconv3d_forward_on_cpu():
     torch.manual_seed(0)
-    conv = spconv.SubMConv3d(5, 16, 3, padding=1, bias=False, indice_key="subm1")
+    # Native: the algorithm a CPU tensor needs; a CUDA build of spconv defaults to implicit GEMM
+    conv = spconv.SubMConv3d(5, 16, 3, padding=1, bias=False, indice_key="subm1", algo=ConvAlgo.Native)
     coords = torch.unique(torch.randint(0, 20, (300, 3)), dim=0)
     indices = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], dim=1).int()
     x = spconv.SparseConvTensor(torch.randn(len(indices), 5), indices, [20, 20, 20], 1)
@@ -72,7 +74,9 @@ def test_mmdet3d_registry_builds_sparse_encoder_on_spconv_and_second():
     coords = torch.unique(torch.stack([torch.randint(0, 41, (500,)), torch.randint(0, 64, (500,)),
                                        torch.randint(0, 64, (500,))], 1), dim=0)
     coors = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int()
-    with torch.no_grad():
+    from bevfusion_ptq.sparse_cpu import sparse_convs_on
+
+    with torch.no_grad(), sparse_convs_on(encoder, torch.device("cpu")):  # Native on a CUDA spconv build
         bev = encoder(torch.randn(len(coors), 5), coors, 1)
     assert tuple(bev.shape) == (1, 64, 8, 8) and torch.isfinite(bev).all()  # 32 ch x 2 z-slices
 
@@ -108,8 +112,8 @@ def test_library_never_imports_prefect():
 
 
 def test_sparse_conv_on_cpu_is_repeatable_under_our_guard():
-    """spconv's CPU path races with several torch threads; serial_on_cpu makes it exact."""
-    from bevfusion_ptq.sparse_cpu import serial_on_cpu
+    """spconv's CPU path races with several torch threads; our guard makes it exact."""
+    from bevfusion_ptq.sparse_cpu import sparse_convs_on
 
     torch.manual_seed(0)
     conv = spconv.SparseConv3d(4, 8, 3, stride=(1, 1, 2), padding=1, bias=False).eval()
@@ -118,7 +122,7 @@ def test_sparse_conv_on_cpu_is_repeatable_under_our_guard():
     features = torch.randn(len(indices), 4)
     threads = torch.get_num_threads()
     outs = []
-    with torch.no_grad(), serial_on_cpu(features.device):
+    with torch.no_grad(), sparse_convs_on(conv, features.device):
         for _ in range(6):
             outs.append(conv(spconv.SparseConvTensor(features, indices, [16, 16, 16], 1)).features)
     assert torch.get_num_threads() == threads  # restored
