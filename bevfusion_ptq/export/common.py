@@ -67,6 +67,24 @@ def export_graph(
 ) -> onnx.ModelProto:
     """One static-shape, opset-13 TorchScript export, checked by ``onnx.checker``."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # MultiheadAttention's inference fast path is one fused op without an ONNX symbolic.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        _export(module, args, path, input_names, output_names)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    graph = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(graph, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path.name}: onnx.checker rejects the exported graph: {exc}") from None
+    log.info("wrote %s (%d nodes)", path, len(graph.graph.node))
+    return graph
+
+
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: Sequence[str],
+            output_names: Sequence[str]) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo, which cannot lower
         # pytorch-quantization's fake-quant ops to Q/DQ; tracer warnings about Python values
@@ -82,13 +100,6 @@ def export_graph(
             do_constant_folding=True,
             dynamo=False,
         )
-    graph = onnx.load(str(path))
-    try:
-        onnx.checker.check_model(graph, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{path.name}: onnx.checker rejects the exported graph: {exc}") from None
-    log.info("wrote %s (%d nodes)", path, len(graph.graph.node))
-    return graph
 
 
 @dataclass(frozen=True)

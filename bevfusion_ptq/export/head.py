@@ -23,7 +23,7 @@ from typing import Literal, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.onnx import symbolic_helper
+from torch.onnx import symbolic_helper, symbolic_opset14
 
 from bevfusion_ptq.errors import ExportError
 from bevfusion_ptq.export.common import OPSET
@@ -61,17 +61,24 @@ def _plugin_layer_norm(g, inputs, normalized_shape, weight, bias, eps, cudnn_ena
 
 @contextlib.contextmanager
 def layer_norm_form(form: LayerNormForm) -> Iterator[None]:
-    """Export LayerNorm as ``form`` for the duration of the block."""
-    if form == "plain":
-        yield
-        return
-    if form != "plugin":
+    """Export LayerNorm as ``form`` (and attention as opset-13 ops) for the duration of the block.
+
+    ``nn.MultiheadAttention`` calls ``scaled_dot_product_attention``, whose TorchScript symbolic
+    is registered from opset 14 on although, without a causal mask, it emits only opset-13
+    operators (Transpose, Mul, Sqrt, MatMul, Softmax); it is registered for opset 13 here.
+    """
+    if form not in ("plain", "plugin"):
         raise ExportError(f"unknown LayerNorm form {form!r}; use 'plain' or 'plugin'")
-    torch.onnx.register_custom_op_symbolic("aten::layer_norm", _plugin_layer_norm, OPSET)
+    registered = [("aten::scaled_dot_product_attention", symbolic_opset14.scaled_dot_product_attention)]
+    if form == "plugin":
+        registered.append(("aten::layer_norm", _plugin_layer_norm))
+    for name, fn in registered:
+        torch.onnx.register_custom_op_symbolic(name, fn, OPSET)
     try:
         yield
     finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::layer_norm", OPSET)
+        for name, _ in registered:
+            torch.onnx.unregister_custom_op_symbolic(name, OPSET)
 
 
 def decode_outputs(head: nn.Module, outputs: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
