@@ -30,8 +30,9 @@ from tests.scn_interpreter import ScnInterpreter
 from tests.test_quant_placement import _random_bn
 
 
-def calibrated_tiny(num_batches: int = 2) -> tuple[Any, nn.Module, list[dict]]:
-    """bevfusion-tiny with random weights and BN statistics, calibrated (mse) on synthetic batches,
+def calibrated_tiny(num_batches: int = 2, method: str = "max") -> tuple[Any, nn.Module, list[dict]]:
+    """bevfusion-tiny with random weights and BN statistics, calibrated on synthetic batches (amax by
+    max: quick, and the export does not care how amax was chosen),
     the two reference exclusions applied and the ReLUs recorded, as the pipeline leaves it."""
     cfg = load_config("bevfusion-tiny")
     torch.manual_seed(0)
@@ -40,7 +41,7 @@ def calibrated_tiny(num_batches: int = 2) -> tuple[Any, nn.Module, list[dict]]:
     insert_quantizers(model, bevfusion_rules())
     fuse_bn(model)
     batches = [random_batch(cfg, num_points=4000, seed=i) for i in range(num_batches)]
-    calibrate(model, batches, method="mse", num_batches=num_batches)
+    calibrate(model, batches, method=method, num_batches=num_batches)
     apply_exclusions(model, DEFAULT_EXCLUDE)
     fold_relu(model)
     return cfg, model, batches

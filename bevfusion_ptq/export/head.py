@@ -56,7 +56,9 @@ def _plugin_layer_norm(g, inputs, normalized_shape, weight, bias, eps, cudnn_ena
     if len(shape) != 1:
         raise ExportError(f"the LayerNorm plugin normalizes the last axis only, not {shape}")
     epsilon = float(symbolic_helper._maybe_get_const(eps, "f"))
-    return g.op(f"{PLUGIN_DOMAIN}::{PLUGIN_OP}", inputs, weight, bias, axis_i=-1, epsilon_f=epsilon)
+    out = g.op(f"{PLUGIN_DOMAIN}::{PLUGIN_OP}", inputs, weight, bias, axis_i=-1, epsilon_f=epsilon)
+    out.setType(inputs.type())  # same shape and type as the input: keeps every later shape static
+    return out
 
 
 @contextlib.contextmanager

@@ -74,6 +74,7 @@ class _Writer:
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     counter: int = 0
     convs: int = 0
+    subm_keys: dict = field(default_factory=dict)  # (spatial shape, kernel) -> rulebook
     channels: int = 0  # of the last tensor written
 
     def tensor(self) -> str:
@@ -104,7 +105,7 @@ class _Writer:
             input_spatial_shape=list(shape), output_spatial_shape=out_shape, kernel_size=ksize, stride=stride,
             padding=padding, dilation=dilation, output_padding=[int(v) for v in conv.output_padding],
             input_shape=[1, int(conv.in_channels)], output_shape=[1, int(conv.out_channels)],
-            rulebook=str(conv.indice_key or name), activation=activation,
+            rulebook=self.rulebook(conv, shape, ksize, name), activation=activation,
             precision="int8" if int8_in else "fp16",
             output_precision="int8" if self.int8 and not last else "fp16",
         )
@@ -119,6 +120,17 @@ class _Writer:
         self.channels = int(conv.out_channels)
         self.nodes.append(helper.make_node("SparseConvolution", [x, w.name, b.name], [out], name=f"conv{self.convs - 1}", **attrs))
         return out, out_shape
+
+    def rulebook(self, conv: SparseConvolution, shape: list[int], ksize: list[int], name: str) -> str:
+        """The conv's indice key; a SubM conv without one shares the key of the SubM convs at
+        its resolution (mmdet3d's SparseBasicBlock convs carry none, while the runtime reuses
+        indices by key: ``subm<i>`` per stage, as the reference exporter writes them)."""
+        if not conv.subm:
+            return str(conv.indice_key or name)
+        where = (tuple(shape), tuple(ksize))
+        key = conv.indice_key or self.subm_keys.get(where) or f"subm{len(self.subm_keys) + 1}"
+        self.subm_keys.setdefault(where, key)
+        return str(key)
 
     def add(self, a: str, identity: str, quantizer: TensorQuantizer | None) -> str:
         attrs: dict = {"precision": "int8" if self.int8 and _enabled(quantizer) else "fp16"}
