@@ -3,9 +3,9 @@
 The four TensorRT graphs are traced in float32 by the TorchScript exporter
 (``torch.onnx.export(..., dynamo=False)``): pytorch-quantization's export mode
 (``TensorQuantizer.use_fb_fake_quant``) turns each enabled quantizer into
-``torch.fake_quantize_per_{tensor,channel}_affine``, which only the TorchScript exporter
-lowers to a QuantizeLinear/DequantizeLinear pair (scale = amax/127, int8 zero point 0,
-weights per output channel). Those ops reject float16 inputs, hence float32 tracing; TensorRT
+``torch.fake_quantize_per_{tensor,channel}_affine``, which that exporter lowers to a
+QuantizeLinear/DequantizeLinear pair (scale = amax/127, int8 zero point 0, weights per output
+channel). Those ops reject float16 inputs, hence float32 tracing; TensorRT
 builds the engines in FP16/INT8 from the precision flags (see ``deploy.md``).
 """
 
@@ -86,9 +86,11 @@ def export_graph(
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: Sequence[str],
             output_names: Sequence[str]) -> None:
     with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of dynamo, which cannot lower
-        # pytorch-quantization's fake-quant ops to Q/DQ; tracer warnings about Python values
-        # are expected for a static-shape graph.
+        # dynamo=False: torch 2.13 defaults to the dynamo exporter, which needs onnxscript
+        # (not a dependency here) and has no opset-13 path; the TorchScript exporter lowers
+        # fake_quantize_per_{tensor,channel}_affine to QuantizeLinear/DequantizeLinear at
+        # opset 13 (tests/test_export.py checks every scale). Its deprecation and tracer
+        # warnings about Python values in a static-shape graph are expected.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module.eval(),
