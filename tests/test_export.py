@@ -67,6 +67,9 @@ def test_all_files_pass_structural_checks(exported):
             dims = value.type.tensor_type.shape.dim
             assert dims and all(d.dim_value > 0 and not d.dim_param for d in dims), (name, value.name)
     check_scn(onnx.load(str(folder / SCN)))
+    doc = (folder.parent / "deploy.md").read_text()
+    assert all(f"`{name}`" in doc for name in FILES) and "model/resnet50int8/" in doc
+    assert "build/camera.backbone.plan --fp16 --int8" in doc and "build/head.bbox.plan --fp16 --input" in doc
     shapes = {(w.name, k): v for w in written for k, v in {**w.inputs, **w.outputs}.items()}
     vt = model.encoders["camera"]["vtransform"]
     fh, fw = vt.feature_size

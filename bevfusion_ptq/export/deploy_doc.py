@@ -20,17 +20,18 @@ FLAGS: dict[str, dict[str, str]] = {
         "camera.vtransform": "--fp16",
         "fuser": "--fp16 --int8",
         "head.bbox": "--fp16",
-        "head.bbox.layernormplugin": "--fp16 --plugins=build/libcustom_layernorm.so",
+        "head.bbox.layernormplugin": "--fp16 --plugins=<the runtime's LayerNorm plugin library>",
     },
     "fp16": {
         "camera.backbone": "--fp16",
         "camera.vtransform": "--fp16",
         "fuser": "--fp16",
         "head.bbox": "--fp16",
-        "head.bbox.layernormplugin": "--fp16 --plugins=build/libcustom_layernorm.so",
+        "head.bbox.layernormplugin": "--fp16 --plugins=<the runtime's LayerNorm plugin library>",
     },
 }
 _FOLDER = {"int8": "resnet50int8", "fp16": "resnet50"}
+_ENGINE = {"head.bbox.layernormplugin": "head.bbox"}
 
 
 def _shape(shapes: dict[str, list[int]]) -> str:
@@ -61,8 +62,9 @@ def render(files: Sequence["GraphInfo"], *, model_name: str) -> str:
             if f.precision != precision:
                 continue
             stem = f.name.removesuffix(".onnx")
+            engine = _ENGINE.get(stem, stem)  # the plugin head replaces head.bbox's engine
             build = "parsed by libspconv at start-up" if stem.startswith("lidar") else (
-                f"`trtexec --onnx=model/{folder}/{f.name} --saveEngine=model/{folder}/build/{stem}.plan "
+                f"`trtexec --onnx=model/{folder}/{f.name} --saveEngine=model/{folder}/build/{engine}.plan "
                 f"{FLAGS[precision][stem]} --inputIOFormats=fp16:chw --outputIOFormats=fp16:chw`"
             )
             pairs = min(f.quantize, f.dequantize)
@@ -75,8 +77,8 @@ def render(files: Sequence["GraphInfo"], *, model_name: str) -> str:
         "  them into their native normalization layer: build it as above, no plugin. Use this one.",
         "- `head.bbox.layernormplugin.onnx` writes each LayerNorm as one `CustomLayerNormalization`",
         "  node (domain `nv`, attributes `axis`=-1, `epsilon`), the runtime's LayerNorm plugin. Only",
-        "  for TensorRT older than 8.6: build the plugin library and pass it with `--plugins`, then",
-        "  save the engine as `build/head.bbox.plan`.",
+        "  for TensorRT older than 8.6: pass the plugin library with `--plugins`; its engine",
+        "  replaces `build/head.bbox.plan` (build one of the two heads, not both).",
         "",
         "## Precision",
         "",
