@@ -93,7 +93,7 @@ def int8_placement(optimized: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="bevfusion-r50")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/export_runtime"))
+    parser.add_argument("--out", type=Path, default=Path("bench-export-runtime"))
     parser.add_argument("--calib-batches", type=int, default=2)
     parser.add_argument("--points", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
