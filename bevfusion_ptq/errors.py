@@ -71,3 +71,10 @@ class VerificationError(PTQError):
     download): the bytes are not the ones the manifest vouches for."""
 
     exit_code = 14
+
+
+class ExportError(PTQError):
+    """The calibrated model cannot be written as the deployment files (an unsupported module,
+    an unfolded BatchNorm, a graph that ``onnx.checker`` rejects, a missing version file)."""
+
+    exit_code = 15

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bevfusion_ptq.quant.rules import DEFAULT_EXCLUDE
 
@@ -81,6 +81,23 @@ class PTQParams(BaseModel):
     sse_kms_key_id: str | None = Field(None, description="KMS key id for --sse aws:kms (default: the bucket's key)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="calibration device; auto picks cuda when available")
     seed: int = Field(0, ge=0, description="seed for generated data, random checkpoints and sampling")
+    export: list[Literal["int8", "fp16"]] = Field(
+        default_factory=lambda: ["int8"],
+        description="deployment ONNX sets to write into the version: int8 (default), fp16 (every quantizer off), "
+        "comma-separated or repeated (--export int8,fp16); none: no export",
+    )
+
+    @field_validator("export", mode="before")
+    @classmethod
+    def _split_export(cls, value: object) -> object:
+        """``int8,fp16`` and repeated options both give a list; ``none`` gives no export."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            items = [p.strip() for v in value for p in str(v).split(",") if p.strip()]
+            items = [p for p in items if p != "none"]
+            return list(dict.fromkeys(items))
+        return value
 
     @property
     def requested_calib_batches(self) -> int:

@@ -163,6 +163,30 @@ def cmd_fetch(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from bevfusion_ptq.export.from_version import export_version
+
+    try:
+        precisions = PTQParams(**({"export": ns.export} if ns.export else {})).export
+    except ValidationError:
+        raise ConfigError(f"--export {','.join(ns.export)}: choose int8 and/or fp16") from None
+    if not precisions:
+        raise ConfigError("--export none leaves nothing to export")
+    source = ns.version_dir
+    if source.startswith("s3://"):
+        from bevfusion_ptq.s3 import fetch_version
+
+        model_url, _, version = source.rstrip("/").rpartition("/")
+        source = str(fetch_version(model_url, version, Path(ns.to or ".") / "fetched", client=_s3_client(ns)))
+    version = Path(source).resolve().name
+    out = Path(ns.to) if ns.to else Path(f"deploy-{version}")
+    written = export_version(source, out, precisions)
+    for info in written:
+        print(f"{info.path}  {info.size} bytes  {info.nodes} nodes  {min(info.quantize, info.dequantize)} Q/DQ pairs")
+    print(f"wrote {len(written)} files and {out / 'deploy.md'}")
+    return 0
+
+
 def cmd_list(ns: argparse.Namespace) -> int:
     import json
 
@@ -261,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--version", default="latest", help="latest (default) or a version id")
     fe.add_argument("--to", required=True, metavar="DIR", help="the version lands in DIR/<version>/")
     fe.set_defaults(func=cmd_fetch)
+
+    ex = sub.add_parser("export", parents=[endpoint],
+                        help="write the deployment ONNX set of a saved version (state_dict.pth + quantizers.json), "
+                        "without calibrating again")
+    ex.add_argument("version_dir", metavar="VERSION_DIR|s3://bucket/prefix/<model>/<version>")
+    ex.add_argument("--to", metavar="DIR", help="where the files go (default: ./deploy-<version>)")
+    ex.add_argument("--export", action="append", default=None, metavar="PRECISIONS",
+                    help="int8 (default) and/or fp16, comma-separated or repeated")
+    ex.set_defaults(func=cmd_export)
 
     ls = sub.add_parser("list", parents=[endpoint], help="list versions with creation time and inputs")
     ls.add_argument("url", metavar="URL", help="s3://bucket/prefix/<model> or a local <root>/<model>")

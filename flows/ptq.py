@@ -32,9 +32,10 @@ def ptq(params: PTQParams = PTQParams()) -> dict:
     model = run(stages.fuse_bn, params=params, ref=model)
     calibrated = run(stages.calibrate, params=params, ref=model, data=data)
     fidelity = run(stages.fidelity, params=params, ref=calibrated, data=data)
+    exported = run(stages.export, params=params, calibrated=calibrated, data=data)
     saved = run(
         stages.save_artifacts, params=params, calibrated=calibrated, ckpt=ckpt, data=data,
-        fidelity=fidelity, flow_run_id=flow_run.get_id(),
+        fidelity=fidelity, flow_run_id=flow_run.get_id(), exported=exported,
     )
     published = publish(str(saved.path), params.output, params.sse, params.sse_kms_key_id)
     report(params, saved, fidelity, run.timings, published)

@@ -128,6 +128,11 @@ def fidelity(params: PTQParams, ref: pipeline.StageRef, data: pipeline.DatasetRe
     return pipeline.fidelity_stage(params, ref, data)
 
 
+@_stage("export-onnx", pipeline.export_key, 3600)
+def export(params: PTQParams, calibrated: pipeline.StageRef, data: pipeline.DatasetRef) -> pipeline.ExportRef:
+    return pipeline.export_stage(params, calibrated, data)
+
+
 @_stage("save-artifacts", pipeline.save_artifacts_key, 1800)
 def save_artifacts(
     params: PTQParams,
@@ -136,8 +141,9 @@ def save_artifacts(
     data: pipeline.DatasetRef,
     fidelity: pipeline.FidelityRef,
     flow_run_id: str | None = None,
+    exported: pipeline.ExportRef | None = None,
 ) -> SavedVersion:
-    return pipeline.save_artifacts_stage(params, calibrated, ckpt, data, fidelity, flow_run_id)
+    return pipeline.save_artifacts_stage(params, calibrated, ckpt, data, fidelity, flow_run_id, exported)
 
 
 _STAGE_NAMES = {
@@ -148,6 +154,7 @@ _STAGE_NAMES = {
     fuse_bn: "fuse_bn",
     calibrate: "calibrate",
     fidelity: "fidelity",
+    export: "export",
     save_artifacts: "save_artifacts",
 }
 

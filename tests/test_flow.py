@@ -29,7 +29,7 @@ from tasks import stages
 REPO = Path(__file__).resolve().parents[1]
 STAGES = (
     "prepare-checkpoint", "build-dataset", "load-model", "insert-quantizers", "fuse-bn", "calibrate",
-    "fidelity-report", "save-artifacts",
+    "fidelity-report", "export-onnx", "save-artifacts",
 )
 
 
@@ -88,6 +88,10 @@ def _check_version_dir(version_dir: Path) -> dict:
     names = {f["name"] for f in manifest["files"]}
     assert {"model.pth", "state_dict.pth", "quantizers.json", "status.md", "fidelity.json", "config.json"} <= names
     assert any(n.startswith("plots/") and n.endswith(".png") for n in names)
+    onnx_files = {"camera.backbone.onnx", "camera.vtransform.onnx", "fuser.onnx", "head.bbox.onnx",
+                  "head.bbox.layernormplugin.onnx", "lidar.backbone.xyz.onnx"}
+    assert {f"onnx_int8/{n}" for n in onnx_files} | {"deploy.md"} <= names  # the default --export int8
+    assert {e["name"] for e in manifest["export"]} == onnx_files
     on_disk = {p.relative_to(version_dir).as_posix() for p in version_dir.rglob("*") if p.is_file()} - {"manifest.json"}
     assert names == on_disk
     for entry in manifest["files"]:
@@ -163,7 +167,8 @@ def test_changed_method_reruns_only_calibrate_and_what_follows(prefect_api, home
     assert states == {
         "prepare-checkpoint": "Cached", "build-dataset": "Cached", "load-model": "Cached",
         "insert-quantizers": "Cached", "fuse-bn": "Cached",
-        "calibrate": "Completed", "fidelity-report": "Completed", "save-artifacts": "Completed",
+        "calibrate": "Completed", "fidelity-report": "Completed", "export-onnx": "Completed",
+        "save-artifacts": "Completed",
     }
     # A new version next to the first; latest moved to it.
     versions = [p for p in (home / "out" / "bevfusion-tiny").iterdir() if p.is_dir()]

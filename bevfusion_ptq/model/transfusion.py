@@ -240,7 +240,7 @@ class TransFusionHead(BaseModule):
         is_peak = heatmap == pooled
         inner = torch.zeros_like(is_peak[0, 0])
         inner[pad:-pad, pad:-pad] = True
-        is_peak &= inner
+        is_peak = is_peak & inner  # not in place: ONNX has no in-place and (head export)
         for c in self.point_like_classes:
             if c < heatmap.shape[1]:
                 is_peak[:, c] = True

@@ -11,13 +11,15 @@ chain them directly::
     ref = fuse_bn_stage(params, ref)
     ref = calibrate_stage(params, ref, data)
     fid = fidelity_stage(params, ref, data)
-    saved = save_artifacts_stage(params, ref, ckpt, data, fid)
+    exp = export_stage(params, ref, data)
+    saved = save_artifacts_stage(params, ref, ckpt, data, fid, exported=exp)
 
 Every stage has a ``*_key`` function over the same arguments (:mod:`.keys`): the content
 hash that names its work directory and serves as its cache key.
 """
 
 from bevfusion_ptq.pipeline.calibrate_stage import CalibrationInterrupted, InjectedFault, calibrate_key, calibrate_stage
+from bevfusion_ptq.pipeline.export_stage import export_key, export_stage
 from bevfusion_ptq.pipeline.fidelity_stage import fidelity_key, fidelity_stage
 from bevfusion_ptq.pipeline.inputs import (
     config_identity,
@@ -36,7 +38,7 @@ from bevfusion_ptq.pipeline.model_stages import (
     load_model_stage,
 )
 from bevfusion_ptq.pipeline.outputs import output_present
-from bevfusion_ptq.pipeline.refs import CheckpointRef, DatasetRef, FidelityRef, StageRef
+from bevfusion_ptq.pipeline.refs import CheckpointRef, DatasetRef, ExportRef, FidelityRef, StageRef
 from bevfusion_ptq.pipeline.save_stage import local_root, save_artifacts_key, save_artifacts_stage, version_id
 
 __all__ = [
@@ -45,4 +47,5 @@ __all__ = [
     "fuse_bn_stage", "insert_quantizers_key", "insert_quantizers_stage", "load_model_key", "load_model_stage",
     "local_root", "output_present", "prepare_checkpoint", "prepare_checkpoint_key", "prepare_dataset",
     "prepare_dataset_key", "resolve_device", "save_artifacts_key", "save_artifacts_stage", "version_id",
+    "ExportRef", "export_key", "export_stage",
 ]

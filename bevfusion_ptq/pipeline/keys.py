@@ -33,6 +33,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "calibrate": ("calib_method", "percentile", "calib_batches", "exclude"),
     "fidelity": ("fidelity_batches",),
     "save_artifacts": ("output",),
+    "export": ("export",),
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline import inputs as stage_inputs
 from bevfusion_ptq.pipeline.calibrate_stage import calibrate_key
+from bevfusion_ptq.pipeline.export_stage import export_present
 from bevfusion_ptq.pipeline.fidelity_stage import REPORT_FILE, fidelity_key
 from bevfusion_ptq.pipeline.model_stages import fuse_bn_key, insert_quantizers_key, load_model_key
 from bevfusion_ptq.pipeline.save_stage import saved_version_exists, version_dir
@@ -52,6 +53,7 @@ _PRESENT: dict[str, Callable[..., bool]] = {
     "calibrate": _model_stage("calibrate", calibrate_key),
     "fidelity": lambda params, ref, data: params.fidelity_batches == 0
     or (stage_dir("fidelity", fidelity_key(params, ref, data)) / REPORT_FILE).is_file(),
+    "export": lambda params, calibrated, data: export_present(params, calibrated, data),
     "save_artifacts": lambda **kw: saved_version_exists(version_dir(**{k: v for k, v in kw.items() if k != "flow_run_id"})),
 }
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from bevfusion_ptq.workdir import StageRef
 
-__all__ = ["CheckpointRef", "DatasetRef", "FidelityRef", "StageRef"]
+__all__ = ["CheckpointRef", "DatasetRef", "ExportRef", "FidelityRef", "StageRef"]
 
 
 class CheckpointRef(BaseModel):
@@ -35,3 +35,11 @@ class FidelityRef(BaseModel):
     path: str | None  # None when the report was switched off (fidelity_batches 0)
     summary: dict[str, Any]
     markdown: str
+
+
+class ExportRef(BaseModel):
+    """The exported deployment files (``onnx_<precision>/``, ``deploy.md``) in the work directory."""
+
+    key: str
+    path: str | None  # None when export was switched off (--export none)
+    files: list[dict[str, Any]]  # per file: name, precision, relative path, size, nodes, Q/DQ counts

@@ -10,7 +10,8 @@ from bevfusion_ptq.hashing import data_sha256
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline.inputs import config_identity
 from bevfusion_ptq.pipeline.keys import stage_key
-from bevfusion_ptq.pipeline.refs import CheckpointRef, DatasetRef, FidelityRef, StageRef
+from bevfusion_ptq.pipeline.export_stage import copy_export
+from bevfusion_ptq.pipeline.refs import CheckpointRef, DatasetRef, ExportRef, FidelityRef, StageRef
 from bevfusion_ptq.provenance import code_version
 from bevfusion_ptq.quant.plots import plot_histograms
 from bevfusion_ptq.quant.report import quantizer_status
@@ -18,17 +19,21 @@ from bevfusion_ptq.quant.rules import bevfusion_rules
 from bevfusion_ptq.workdir import load_model, state_dir
 
 
-def version_id(params: PTQParams, ckpt: CheckpointRef, data: DatasetRef, calibrated: StageRef, fidelity: FidelityRef) -> str:
+def version_id(
+    params: PTQParams, ckpt: CheckpointRef, data: DatasetRef, calibrated: StageRef, fidelity: FidelityRef,
+    exported: ExportRef | None = None,
+) -> str:
     """Deterministic version: same inputs and code, same version (its stage keys carry both)."""
-    return data_sha256(
-        {
-            "checkpoint": ckpt.sha256,
-            "config": config_identity(params)[1],
-            "data": data.fingerprint,
-            "calibration": calibrated.key,
-            "fidelity": fidelity.key,
-        }
-    )[:16]
+    identity = {
+        "checkpoint": ckpt.sha256,
+        "config": config_identity(params)[1],
+        "data": data.fingerprint,
+        "calibration": calibrated.key,
+        "fidelity": fidelity.key,
+    }
+    if exported is not None and exported.path is not None:
+        identity["export"] = exported.key  # another --export set is another version
+    return data_sha256(identity)[:16]
 
 
 def local_root(params: PTQParams) -> Path:
@@ -38,18 +43,20 @@ def local_root(params: PTQParams) -> Path:
 
 
 def save_artifacts_key(
-    params: PTQParams, calibrated: StageRef, ckpt: CheckpointRef, data: DatasetRef, fidelity: FidelityRef
+    params: PTQParams, calibrated: StageRef, ckpt: CheckpointRef, data: DatasetRef, fidelity: FidelityRef,
+    exported: ExportRef | None = None,
 ) -> str:
     return stage_key(
         "save_artifacts", save_artifacts_stage, params,
-        version=version_id(params, ckpt, data, calibrated, fidelity), root=str(local_root(params).resolve()),
+        version=version_id(params, ckpt, data, calibrated, fidelity, exported), root=str(local_root(params).resolve()),
     )
 
 
 def version_dir(
-    params: PTQParams, calibrated: StageRef, ckpt: CheckpointRef, data: DatasetRef, fidelity: FidelityRef
+    params: PTQParams, calibrated: StageRef, ckpt: CheckpointRef, data: DatasetRef, fidelity: FidelityRef,
+    exported: ExportRef | None = None,
 ) -> Path:
-    return local_root(params) / params.model_name / version_id(params, ckpt, data, calibrated, fidelity)
+    return local_root(params) / params.model_name / version_id(params, ckpt, data, calibrated, fidelity, exported)
 
 
 def _status_markdown(rows: list[dict]) -> str:
@@ -72,8 +79,10 @@ def save_artifacts_stage(
     data: DatasetRef,
     fidelity: FidelityRef,
     flow_run_id: str | None = None,
+    exported: ExportRef | None = None,
 ) -> SavedVersion:
-    """Write ``<root>/<model>/<version>/``: model, status table, fidelity, plots, config, manifest."""
+    """Write ``<root>/<model>/<version>/``: model, status table, fidelity, plots, config, manifest,
+    and the deployment ONNX set when ``exported`` holds one."""
     cfg, cfg_hash = config_identity(params)
     model = load_model(calibrated)
     status = [row.as_dict() for row in quantizer_status(model, params.calib_method, bevfusion_rules().share)]
@@ -83,13 +92,14 @@ def save_artifacts_stage(
         if fidelity.path:
             (folder / "fidelity.json").write_text(Path(fidelity.path).read_text())
         plot_histograms(model, folder / "plots", method=params.calib_method)
+        copy_export(exported, folder)
 
     return save_artifacts(
         model,
         status,
         local_root(params),
         model_name=params.model_name,
-        version=version_id(params, ckpt, data, calibrated, fidelity),
+        version=version_id(params, ckpt, data, calibrated, fidelity, exported),
         inputs={
             "checkpoint": ckpt.source,
             "checkpoint_sha256": ckpt.sha256,
@@ -107,11 +117,15 @@ def save_artifacts_stage(
                 "exclude": params.exclude,
                 "seed": params.seed,
             },
-            "stage_keys": {"calibrate": calibrated.key, "fidelity": fidelity.key},
+            "stage_keys": {"calibrate": calibrated.key, "fidelity": fidelity.key,
+                           **({"export": exported.key} if exported is not None else {})},
         },
         extra_files={"config.json": cfg.to_dict()},
         write_extra=write_extra,
-        manifest_extra={**code_version(), "flow_run_id": flow_run_id, "fidelity": fidelity.summary},
+        manifest_extra={
+            **code_version(), "flow_run_id": flow_run_id, "fidelity": fidelity.summary,
+            **({"export": exported.files} if exported is not None and exported.path else {}),
+        },
     )
 
 
