@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bevfusion_ptq.interrupts import stop_between_batches
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline.inputs import open_calibration_set, resolve_device
 from bevfusion_ptq.pipeline.keys import stage_key
@@ -86,7 +87,8 @@ def calibrate_stage(
 
     ``fail_at_batch`` raises :class:`InjectedFault` right after that batch (tests of resume);
     ``deadline`` (``time.monotonic()`` value) stops cleanly between batches, state saved, so a
-    timeout never loses more than one batch.
+    timeout never loses more than one batch; so does a SIGINT or SIGTERM (see
+    :mod:`bevfusion_ptq.interrupts`).
     """
     key = calibrate_key(params, ref, data)
     folder = stage_dir("calibrate", key)
@@ -107,6 +109,10 @@ def calibrate_stage(
         checkpointer.saved_at = start
 
         def after_batch(seen: int, of: int) -> None:
+            if stop.requested is not None:  # Ctrl-C or SIGTERM during this batch
+                checkpointer.save(seen)
+                log.warning("calibration stopped after batch %d of %d; the same command resumes from there", seen, of)
+                stop.hand_on()
             if seen < of and checkpointer.due(seen):
                 checkpointer.save(seen)
             if progress is not None:
@@ -120,10 +126,11 @@ def calibrate_stage(
                 raise CalibrationInterrupted(f"calibration ran out of time after batch {seen} of {of}; state saved")
 
         log.info("calibrating %d batches on %s with method %s", total, device, params.calib_method)
-        result = calibrate(
-            model, loader, method=params.calib_method, num_batches=total,
-            percentile=params.percentile, progress=after_batch, start=start,
-        )
+        with stop_between_batches() as stop:
+            result = calibrate(
+                model, loader, method=params.calib_method, num_batches=total,
+                percentile=params.percentile, progress=after_batch, start=start,
+            )
         disabled = apply_exclusions(model, tuple(params.exclude))
         relu = fold_relu(model)
     except BaseException:

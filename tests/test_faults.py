@@ -1,0 +1,352 @@
+"""The fault matrix: what a user sees when something breaks, and that nothing is lost.
+
+Each test names the fault, what the user sees, and asserts what is left on disk (and in
+S3): saved state kept, nothing half-published, no process left behind. Faults already
+covered elsewhere are referenced, not repeated:
+
+* transient S3 5xx burst, S3 unreachable, upload interrupted mid-file, checksum mismatch
+  for a consumer, credentials in logs: ``test_publish.py``, ``test_fetch.py``,
+  ``test_publish_flow.py``;
+* NaN/Inf and truncated files in the data, a dataset too small: ``test_data_errors.py``;
+* corrupted, mismatched and malicious checkpoints: ``test_model_checkpoint.py``;
+* two identical runs at once: ``test_flow.py``; a dead holder's lock: ``test_locks.py``.
+
+The runs here are real ``bevfusion-ptq run`` processes on bevfusion-tiny with a few
+batches and the cheap ``percentile`` method (resume and interrupts do not depend on it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BATCHES = 4
+
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "flows.cli", "run", "--output", str(out), "--calib-batches", str(BATCHES),
+        "--calib-method", "percentile", "--fidelity-batches", "1", "--device", "cpu", *extra,
+    ]
+
+
+def _env(state: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["BEVFUSION_PTQ_HOME"] = str(state)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+class Run:
+    """A ``bevfusion-ptq run`` in its own session (like a terminal job), stderr read live."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 600) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output[-4000:]}")
+
+    def finish(self, timeout: float = 600) -> int:
+        rc = self.proc.wait(timeout)
+        deadline = time.monotonic() + 10
+        while self._queue.get() is not None and time.monotonic() < deadline:
+            pass
+        return rc
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (the temporary server, data-loader workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    left = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if state[state.rindex(")") + 2] != "Z":
+            left.add(pid)
+    return left
+
+
+def _gone_within(pids: set[int], seconds: float) -> set[int]:
+    deadline = time.monotonic() + seconds
+    while (left := _alive(pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:  # do not leak them into the rest of the suite
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def _version(out: Path) -> Path:
+    (version,) = [p for p in (out / "bevfusion-tiny").iterdir() if p.is_dir()]
+    return version
+
+
+def _amax(version: Path) -> dict:
+    return {q["name"]: q["amax"] for q in json.loads((version / "quantizers.json").read_text())}
+
+
+@pytest.mark.slow
+def test_run_killed_mid_calibration_is_resumed_by_the_same_command(tmp_path):
+    """Fault: SIGKILL (OOM kill, pre-emption) after the state of batch 2 was saved.
+    The user sees: the same command again completes, with a WARNING that it broke the dead
+    run's lock and an INFO that it resumed at batch 2; nothing else to do."""
+    state, out = tmp_path / "state", tmp_path / "out"
+    killed = Run(_cmd(out, "--calib-checkpoint-every", "2"), _env(state))
+    killed.wait_for(r"calibration state saved after batch 2")
+    children = _descendants(killed.proc.pid)
+    locks = list((state / "prefect-cache" / "locks").glob("calibrate-*.lock"))
+    assert locks, "the calibrate stage holds its lock"
+    killed.proc.kill()
+    killed.finish()
+    # The temporary Prefect server and the data-loader workers die with the run.
+    assert children and not _gone_within(children, 30)
+    assert all(p.exists() for p in locks)  # the dead run's lock is still there
+
+    started = time.monotonic()
+    again = Run(_cmd(out, "--calib-checkpoint-every", "2"), _env(state))
+    assert again.finish() == 0, again.output[-4000:]
+    recovery_s = time.monotonic() - started
+    text = again.output
+    assert re.search(rf"broke the stale lock .*calibrate-.*pid {killed.proc.pid} .*its process is gone", text), text[-4000:]
+    assert f"resuming calibration at batch 2 of {BATCHES}" in text
+    assert "calibration batch 1/" not in text and f"calibration batch {BATCHES}/{BATCHES}" in text
+    (stage,) = (state / "work" / "calibrate").glob("*/stage.json")
+    made_from = json.loads(stage.read_text())["made_from"]
+    assert made_from["resumed_from"] == 2 and made_from["collected"] == BATCHES - 2
+    assert not list((state / "work" / "calibrate").glob("*/calibration-state.pt"))
+    assert not list((state / "prefect-cache" / "locks").glob("*.lock"))
+
+    fresh = Run(_cmd(tmp_path / "out-fresh"), _env(tmp_path / "state-fresh"))
+    assert fresh.finish() == 0, fresh.output[-4000:]
+    assert _amax(_version(out)) == _amax(_version(tmp_path / "out-fresh"))
+    print(f"\nrecovery: the same command completed in {recovery_s:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, target, rc", [
+    (signal.SIGINT, "group", 130),  # Ctrl-C in a terminal: the whole foreground process group
+    (signal.SIGTERM, "process", 143),  # a scheduler or `kill`: the run's process only
+], ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_stops_after_the_batch_with_state_saved_and_no_process_left(tmp_path, sig, target, rc):
+    """Fault: Ctrl-C or SIGTERM in the middle of calibration.
+    The user sees: a WARNING that calibration stops after the current batch with its state
+    saved, then one line 'stopped by SIGINT/SIGTERM'; exit code 128+signal, within seconds."""
+    state, out = tmp_path / "state", tmp_path / "out"
+    run = Run(_cmd(out, "--calib-checkpoint-every", "100"), _env(state))
+    run.wait_for(r"calibration batch 1/")
+    children = _descendants(run.proc.pid)
+    started = time.monotonic()
+    if target == "group":
+        os.killpg(run.proc.pid, sig)
+    else:
+        run.proc.send_signal(sig)
+    assert run.finish(timeout=120) == rc, run.output[-4000:]
+    exit_s = time.monotonic() - started
+    assert not _gone_within(children, 15), "a child process outlived the run"
+    text = run.output
+    assert re.search(r"calibration stopped after batch (\d+)", text), text[-4000:]
+    assert f"stopped by {sig.name}" in text and "Traceback" not in text
+    saved = list((state / "work" / "calibrate").glob("*/calibration-state.pt"))
+    assert len(saved) == 1, "the calibration state of the last whole batch is kept"
+    assert not (out / "bevfusion-tiny").exists() or not any((out / "bevfusion-tiny").iterdir())
+    print(f"\n{sig.name}: exited {exit_s:.1f} s after the signal")
+
+
+@pytest.mark.slow
+def test_identical_inputs_give_identical_bytes_in_two_state_directories(tmp_path, monkeypatch):
+    """Fault: a content-addressed file that embeds where or by whom it was written (the
+    random checkpoint once held its writer's temporary file name, PID included, in its zip).
+    The user sees: the same version id from any machine or state directory for the same
+    inputs. Every file whose hash feeds a key or a version is compared byte for byte."""
+    from bevfusion_ptq import pipeline
+    from bevfusion_ptq.params import PTQParams
+
+    def run(name: str, pid: int) -> Path:
+        home = tmp_path / name
+        monkeypatch.setenv("BEVFUSION_PTQ_HOME", str(home / "state"))
+        monkeypatch.setattr(os, "getpid", lambda: pid)  # temporary names carry the PID
+        params = PTQParams(output=str(home / "out"), calib_batches=1, fidelity_batches=1,
+                           calib_method="percentile", device="cpu")
+        ckpt = pipeline.prepare_checkpoint(params)
+        data = pipeline.prepare_dataset(params)
+        ref = pipeline.load_model_stage(params, ckpt)
+        ref = pipeline.insert_quantizers_stage(params, ref)
+        ref = pipeline.fuse_bn_stage(params, ref)
+        calibrated = pipeline.calibrate_stage(params, ref, data)
+        fidelity = pipeline.fidelity_stage(params, calibrated, data)
+        pipeline.save_artifacts_stage(params, calibrated, ckpt, data, fidelity, flow_run_id="run")
+        return home
+
+    a, b = run("a", 1111), run("b", 2222)
+
+    def content(home: Path) -> dict[str, bytes]:
+        files = {}
+        for sub in ("state/checkpoints", "state/work", "out"):
+            for p in sorted((home / sub).rglob("*")):
+                if p.is_file() and p.suffix != ".json":  # stage.json names its own path
+                    files[p.relative_to(home).as_posix()] = p.read_bytes()
+        return files
+
+    ours, theirs = content(a), content(b)
+    assert ours.keys() == theirs.keys()
+    assert any(k.startswith("state/checkpoints/") for k in ours) and any("/work/" in k for k in ours)
+    assert [k for k in ours if ours[k] != theirs[k]] == []
+    (version,) = [p for p in (a / "out" / "bevfusion-tiny").iterdir() if p.is_dir()]
+    assert (b / "out" / "bevfusion-tiny" / version.name).is_dir()
+    manifests = [json.loads((h / "out" / "bevfusion-tiny" / version.name / "manifest.json").read_text()) for h in (a, b)]
+    for m in manifests:
+        m.pop("created_at")
+    assert manifests[0] == manifests[1]
+    for name in ("quantizers.json", "fidelity.json", "config.json"):
+        assert (version / name).read_bytes() == (b / "out" / "bevfusion-tiny" / version.name / name).read_bytes()
+
+
+def test_nan_in_lidar_read_by_a_worker_is_one_line_naming_the_file(tmp_path):
+    """Fault: NaN in a .pcd.bin, found inside a data-loader worker process.
+    The user sees: our DatasetError naming the file, not torch's 'Caught DatasetError in
+    DataLoader worker process 0' and the worker's traceback."""
+    import numpy as np
+    from data_helpers import TINY_DATA, generated_tree, linked_copy, make_real
+
+    from bevfusion_ptq.data import build_calibration_set
+    from bevfusion_ptq.errors import DatasetError
+
+    tree = linked_copy(generated_tree(_Factory(tmp_path)), tmp_path / "copy")
+    cset = build_calibration_set(tree, None, TINY_DATA, num_samples=2)
+    lidar = make_real(cset.records[1].lidar_path)
+    points = np.fromfile(lidar, dtype=np.float32).reshape(-1, 5)
+    points[3, 0] = np.inf
+    points.tofile(lidar)
+    with pytest.raises(DatasetError) as err:
+        for _ in cset.loader(num_workers=1, pin_memory=False):
+            pass
+    message = str(err.value)
+    assert message.startswith("lidar file of sample ") and str(lidar) in message and "non-finite" in message
+    assert "\n" not in message and "Caught" not in message and "Traceback" not in message
+
+
+class _Factory:
+    """The least of pytest's TempPathFactory that data_helpers.generated_tree uses."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def mktemp(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir()
+        return path
+
+
+def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    import zipfile
+
+    from bevfusion_ptq.model.checkpoint import make_checkpoint
+
+    good = tmp_path / "good.pth"
+    make_checkpoint(good, "bevfusion-tiny", seed=0)
+    files = {
+        "empty": (b"", r"is empty \(0 bytes\)"),
+        "text": (b"model: bevfusion\nweights: elsewhere\n", r"is a text file, not a checkpoint"),
+        "json": (b'{"state_dict": {}}', r"is a JSON or text file, not a checkpoint"),
+        "png": (b"\x89PNG\r\n\x1a\n" + bytes(64), r"is a PNG image, not a checkpoint"),
+        "truncated": (good.read_bytes()[: good.stat().st_size // 2], r"damaged or truncated zip archive"),
+    }
+    out = {}
+    for name, (data, expected) in files.items():
+        path = tmp_path / f"{name}.pth"
+        path.write_bytes(data)
+        out[name] = (path, expected)
+    other_zip = tmp_path / "other.pth"
+    with zipfile.ZipFile(other_zip, "w") as z:
+        z.writestr("weights.bin", b"\0" * 16)
+    out["zip"] = (other_zip, r"zip archive without data.pkl")
+    return out
+
+
+def test_files_that_are_not_checkpoints_get_one_line_saying_what_they_are(tmp_path):
+    """Fault: --checkpoint points at an empty file, a text file, an image, a truncated
+    download or another zip. The user sees: one line naming the file, what it is, and that
+    a torch.save checkpoint was expected (never 'KeyError: 101' or an empty reason)."""
+    from bevfusion_ptq.errors import CheckpointError
+    from bevfusion_ptq.model.checkpoint import read_checkpoint
+
+    for name, (path, expected) in _bad_checkpoints(tmp_path).items():
+        with pytest.raises(CheckpointError) as err:
+            read_checkpoint(path)
+        message = str(err.value)
+        assert re.search(expected, message), (name, message)
+        assert str(path) in message and "expected a PyTorch checkpoint" in message and "\n" not in message
+
+
+def test_cli_names_a_text_file_given_as_checkpoint_in_one_line(tmp_path):
+    bad = tmp_path / "notes.pth"
+    bad.write_text("not weights\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "inspect-checkpoint", str(bad), "--config", "bevfusion-tiny"],
+        cwd=REPO, env=_env(tmp_path / "state"), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 4
+    assert proc.stderr.strip().splitlines() == [
+        f"bevfusion-ptq: error: checkpoint {bad} is a text file, not a checkpoint: expected a PyTorch checkpoint "
+        "written by torch.save (a zip archive with data.pkl, or a legacy pickle)"
+    ]
