@@ -71,3 +71,9 @@ class VerificationError(PTQError):
     download): the bytes are not the ones the manifest vouches for."""
 
     exit_code = 14
+
+
+class DiskError(PTQError):
+    """The output or state directory is read-only, not writable, or has no room left."""
+
+    exit_code = 15

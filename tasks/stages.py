@@ -32,7 +32,7 @@ from typing import Any
 
 from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
@@ -70,6 +70,12 @@ def _stage(name: str, key_fn: Callable[..., str], timeout_s: float, **options: A
 @_stage("prepare-checkpoint", pipeline.prepare_checkpoint_key, 3600, retries=2, retry_delay_seconds=exponential_backoff(10))
 def prepare_checkpoint(params: PTQParams) -> pipeline.CheckpointRef:
     return pipeline.prepare_checkpoint(params)
+
+
+@task(name="check-disk", cache_policy=NO_CACHE, retries=0)
+def check_disk(params: PTQParams, ckpt: pipeline.CheckpointRef) -> dict[str, int]:
+    """Not cached: the disk fills up between runs. A read-only or full disk fails here, in one line."""
+    return pipeline.check_disk(params, ckpt)
 
 
 @_stage("build-dataset", pipeline.prepare_dataset_key, 3600)

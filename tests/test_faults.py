@@ -26,6 +26,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -350,3 +352,71 @@ def test_cli_names_a_text_file_given_as_checkpoint_in_one_line(tmp_path):
         f"bevfusion-ptq: error: checkpoint {bad} is a text file, not a checkpoint: expected a PyTorch checkpoint "
         "written by torch.save (a zip archive with data.pkl, or a legacy pickle)"
     ]
+
+
+@contextmanager
+def _tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A small tmpfs at ``path`` (a real full or read-only disk), or skip where mounting is not allowed."""
+    path.mkdir(parents=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs on this machine ({proc.stderr.strip() or proc.returncode}); "
+                    "read-only and full-disk faults need one")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _ckpt_ref(tmp_path: Path):
+    from bevfusion_ptq.hashing import file_sha256
+    from bevfusion_ptq.model.checkpoint import make_checkpoint
+    from bevfusion_ptq.pipeline import CheckpointRef
+
+    path = tmp_path / "ckpt.pth"
+    make_checkpoint(path, "bevfusion-tiny", seed=0)
+    return CheckpointRef(path=str(path), sha256=file_sha256(path), generated=True, source="random")
+
+
+def test_full_disk_while_writing_a_work_file_says_disk_full_and_keeps_what_was_there(tmp_path):
+    """Fault: the disk fills up while a stage writes its model (torch's zip writer).
+    The user sees: 'disk full: cannot save the fuse_bn work file ...' in one line; no
+    partial file is left and the files already there are untouched."""
+    from bevfusion_ptq.errors import DiskError
+    from bevfusion_ptq.model.builder import build_model
+    from bevfusion_ptq.model.config import load_config
+    from bevfusion_ptq.workdir import save_model
+
+    with _tmpfs(tmp_path / "disk", "3m") as disk:
+        kept = disk / "work" / "load_model" / "k0" / "model.pt"
+        kept.parent.mkdir(parents=True)
+        kept.write_bytes(b"an earlier stage's output" * 1000)
+        before = kept.read_bytes()
+        with pytest.raises(DiskError) as err:
+            save_model(build_model(load_config("bevfusion-tiny")), "fuse_bn", "k1", {}, root=disk)
+        message = str(err.value)
+        assert message.startswith("disk full") and "fuse_bn work file" in message and "\n" not in message
+        assert kept.read_bytes() == before
+        assert [p.name for p in (disk / "work" / "fuse_bn" / "k1").iterdir()] == []
+
+
+def test_read_only_or_small_output_is_refused_before_calibrating(tmp_path, monkeypatch):
+    """Fault: --output on a read-only mount, or on a disk without room for the artifacts.
+    The user sees, before any calibration: 'read-only file system: cannot write the
+    artifacts to ...' or 'disk full: ... has 1 MB free, the artifacts need about 37 MB'."""
+    from bevfusion_ptq.errors import DiskError
+    from bevfusion_ptq.params import PTQParams
+    from bevfusion_ptq.pipeline import check_disk
+
+    ckpt = _ckpt_ref(tmp_path)
+    with _tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        with pytest.raises(DiskError, match=r"^read-only file system: cannot write the artifacts to .*/ro"):
+            check_disk(PTQParams(output=str(ro / "out")), ckpt)
+    with _tmpfs(tmp_path / "small", "1m") as small:
+        with pytest.raises(DiskError, match=r"^disk full: .*/small/out has \d+ MB free, the artifacts need about \d+ MB"):
+            check_disk(PTQParams(output=str(small / "out")), ckpt)
+        monkeypatch.setenv("BEVFUSION_PTQ_HOME", str(small / "state"))
+        with pytest.raises(DiskError, match=r"^disk full: .*/small/state/work has \d+ MB free, the stages' work files"):
+            check_disk(PTQParams(output=str(tmp_path / "out")), ckpt)
+    assert check_disk(PTQParams(output=str(tmp_path / "out")), ckpt)["output"] > 0  # the normal case passes

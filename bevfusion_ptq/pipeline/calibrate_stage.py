@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bevfusion_ptq.diskspace import disk_errors
 from bevfusion_ptq.interrupts import stop_between_batches
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline.inputs import open_calibration_set, resolve_device
@@ -57,8 +58,12 @@ class _Checkpointer:
 
     def save(self, seen: int) -> None:
         tmp = self.path.with_name(f".{self.path.name}.partial")
-        torch.save(export_calibration_state(self.model, seen), tmp)
-        tmp.replace(self.path)
+        try:
+            with disk_errors(self.path, "save the calibration state"):
+                torch.save(export_calibration_state(self.model, seen), tmp)
+                tmp.replace(self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.last, self.saved_at = time.monotonic(), seen
         log.info("calibration state saved after batch %d to %s", seen, self.path)
 
