@@ -158,6 +158,8 @@ def cmd_publish(ns: argparse.Namespace) -> int:
     r = publish_version(ns.version_dir, ns.url, sse=ns.sse, kms_key_id=ns.kms_key_id, client=_s3_client(ns))
     state = "already published at" if r.reused else "published to"
     print(f"{r.model} {r.version} {state} {r.url} (latest {'moved' if r.latest_updated else 'unchanged'})")
+    if r.repaired:
+        print(f"repaired {len(r.repaired)} damaged file(s) from the local copy: {', '.join(r.repaired)}")
     return 0
 
 

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from s3_server import moto_server, s3  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = 4
@@ -420,3 +421,54 @@ def test_read_only_or_small_output_is_refused_before_calibrating(tmp_path, monke
         with pytest.raises(DiskError, match=r"^disk full: .*/small/state/work has \d+ MB free, the stages' work files"):
             check_disk(PTQParams(output=str(tmp_path / "out")), ckpt)
     assert check_disk(PTQParams(output=str(tmp_path / "out")), ckpt)["output"] > 0  # the normal case passes
+
+
+def test_damaged_published_version_is_repaired_from_the_intact_local_copy(s3, tmp_path):
+    """Fault: one object of a published version is overwritten in S3 (bit rot, a bad sync,
+    a hand edit). The user sees: fetch refuses it; `bevfusion-ptq publish` of the local copy
+    says 'repaired 1 damaged file(s)'; fetch then succeeds. Only the manifest's bytes are
+    written: a local copy that is damaged too repairs nothing."""
+    from s3_server import make_version
+
+    from bevfusion_ptq.errors import VerificationError
+    from bevfusion_ptq.s3 import fetch_version, publish_version
+
+    v1 = make_version(tmp_path / "out", "v1")
+    publish_version(v1, s3.url("rel"))
+    key = "rel/tiny-test/v1/state_dict.pth"
+    good = s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=good[:-10] + b"0123456789")
+    latest = s3.client.get_object(Bucket=s3.bucket, Key="rel/tiny-test/latest.json")["Body"].read()
+    with pytest.raises(VerificationError, match="state_dict.pth"):
+        fetch_version(s3.url("rel", "tiny-test"), "v1", tmp_path / "got")
+
+    damaged_too = tmp_path / "copy" / "v1"
+    damaged_too.parent.mkdir()
+    import shutil
+
+    shutil.copytree(v1, damaged_too)
+    (damaged_too / "state_dict.pth").write_bytes(good[:-10] + b"0123456789")
+    with pytest.raises(VerificationError, match="copy/v1: state_dict.pth sha256"):  # fails its own manifest: nothing sent
+        publish_version(damaged_too, s3.url("rel"))
+    assert s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read() != good
+
+    result = publish_version(v1, s3.url("rel"))
+    assert result.reused and result.repaired == ("state_dict.pth",) and not result.latest_updated
+    assert s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read() == good
+    assert s3.client.get_object(Bucket=s3.bucket, Key="rel/tiny-test/latest.json")["Body"].read() == latest
+    assert (fetch_version(s3.url("rel", "tiny-test"), "v1", tmp_path / "got") / "state_dict.pth").read_bytes() == good
+    assert publish_version(v1, s3.url("rel")).repaired == ()  # intact: nothing written
+
+
+def test_damaged_local_root_version_is_repaired_too(tmp_path):
+    from s3_server import make_version
+
+    from bevfusion_ptq.s3 import publish_version
+
+    v1 = make_version(tmp_path / "out", "v1")
+    publish_version(v1, str(tmp_path / "root"))
+    published = tmp_path / "root" / "tiny-test" / "v1" / "model.pth"
+    good = published.read_bytes()
+    published.write_bytes(b"truncated")
+    assert publish_version(v1, str(tmp_path / "root")).repaired == ("model.pth",)
+    assert published.read_bytes() == good
