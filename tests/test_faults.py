@@ -170,6 +170,7 @@ def test_run_killed_mid_calibration_is_resumed_by_the_same_command(tmp_path):
     assert again.finish() == 0, again.output[-4000:]
     recovery_s = time.monotonic() - started
     text = again.output
+    (tmp_path / "resumed.log").write_text(text)
     assert re.search(rf"broke the stale lock .*calibrate-.*pid {killed.proc.pid} .*its process is gone", text), text[-4000:]
     assert f"resuming calibration at batch 2 of {BATCHES}" in text
     assert "calibration batch 1/" not in text and f"calibration batch {BATCHES}/{BATCHES}" in text
@@ -472,3 +473,79 @@ def test_damaged_local_root_version_is_repaired_too(tmp_path):
     published.write_bytes(b"truncated")
     assert publish_version(v1, str(tmp_path / "root")).repaired == ("model.pth",)
     assert published.read_bytes() == good
+
+
+@pytest.fixture
+def proxy(moto_server):
+    from fault_proxy import FaultProxy
+
+    p = FaultProxy(moto_server.port)
+    yield p
+    p.close()
+
+
+def _s3_keys(s3) -> set[str]:
+    return {o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])}
+
+
+def test_s3_503_burst_is_ridden_out_and_a_longer_outage_keeps_everything_for_later(s3, proxy, tmp_path):
+    """Fault: S3 answers '503 Slow Down' to a burst of requests (from a proxy on 127.0.0.1).
+    The user sees: a short burst, nothing (botocore retries); a long one, one line 'S3 kept
+    failing after botocore's retries (SlowDown)' with the command to publish later; no
+    manifest and no latest.json in S3, the local version intact; the later publish works."""
+    from s3_server import make_version
+
+    from bevfusion_ptq.errors import TransientStorageError
+    from bevfusion_ptq.s3 import fetch_version, make_client, publish_version
+
+    client = make_client(endpoint_url=proxy.endpoint, max_attempts=3)
+    v1 = make_version(tmp_path / "out", "v1")
+    proxy.fail_next(2)
+    assert not publish_version(v1, s3.url("rel"), client=client).reused
+    assert proxy.answered_503 == 2
+    assert fetch_version(s3.url("rel", "tiny-test"), "v1", tmp_path / "got").is_dir()
+
+    v2 = make_version(tmp_path / "out", "v2", seed=1)
+    before = {p.name: p.read_bytes() for p in v2.iterdir() if p.is_file()}
+    proxy.fail_next(50)
+    with pytest.raises(TransientStorageError, match=r"kept failing after botocore's retries \((SlowDown|503)\).*publish it later"):
+        publish_version(v2, s3.url("rel"), client=client)
+    assert "rel/tiny-test/v2/manifest.json" not in _s3_keys(s3)
+    assert json.loads(s3.client.get_object(Bucket=s3.bucket, Key="rel/tiny-test/latest.json")["Body"].read())["version"] == "v1"
+    assert {p.name: p.read_bytes() for p in v2.iterdir() if p.is_file()} == before
+    proxy.fail_next(0)
+    assert publish_version(v2, s3.url("rel"), client=client).latest_updated
+
+
+def test_connection_dropped_mid_upload_is_retried_and_the_version_completes(s3, proxy, tmp_path):
+    """Fault: the connection drops in the middle of a file upload (a proxy cuts it).
+    The user sees: nothing; botocore sends the file again and every object reads back as
+    the manifest says."""
+    from s3_server import add_file, make_version
+
+    from bevfusion_ptq.s3 import fetch_version, make_client, publish_version
+
+    v1 = make_version(tmp_path / "out", "v1")
+    add_file(v1, "plots/big.png", os.urandom(400_000))
+    proxy.drop_after(150_000)  # inside the upload of the 400 kB file
+    publish_version(v1, s3.url("rel"), client=make_client(endpoint_url=proxy.endpoint))
+    assert proxy.dropped == 1
+    got = fetch_version(s3.url("rel", "tiny-test"), "v1", tmp_path / "got")
+    assert (got / "plots" / "big.png").read_bytes() == (v1 / "plots" / "big.png").read_bytes()
+
+
+def test_s3_unreachable_fails_in_one_line_and_publishes_nothing(s3, tmp_path):
+    """Fault: the endpoint does not answer at all. The user sees: 'S3 endpoint unreachable
+    after botocore's retries' and how to publish later; the local version is intact."""
+    from s3_server import free_port, make_version
+
+    from bevfusion_ptq.errors import TransientStorageError
+    from bevfusion_ptq.s3 import make_client, publish_version
+
+    v1 = make_version(tmp_path / "out", "v1")
+    client = make_client(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=2)
+    with pytest.raises(TransientStorageError, match="S3 endpoint unreachable after botocore's retries") as err:
+        publish_version(v1, s3.url("rel"), client=client)
+    assert f"bevfusion-ptq publish {v1}" in str(err.value) and "\n" not in str(err.value)
+    assert _s3_keys(s3) == set()
+    assert (v1 / "manifest.json").is_file()
