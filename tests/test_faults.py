@@ -549,3 +549,31 @@ def test_s3_unreachable_fails_in_one_line_and_publishes_nothing(s3, tmp_path):
     assert f"bevfusion-ptq publish {v1}" in str(err.value) and "\n" not in str(err.value)
     assert _s3_keys(s3) == set()
     assert (v1 / "manifest.json").is_file()
+
+
+class _Payload:
+    """A pickle that runs a shell command when loaded: what a malicious checkpoint holds."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_without_running_its_code(tmp_path):
+    """Fault: a checkpoint whose pickle runs code when loaded. The user sees: one line saying
+    safe loading refused it and that --trust-pickle would run code from the file; the code
+    never ran."""
+    import torch
+
+    from bevfusion_ptq.errors import CheckpointError
+    from bevfusion_ptq.model.checkpoint import read_checkpoint
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "meta": {"x": _Payload(marker)}}, path)
+    with pytest.raises(CheckpointError, match=r"safe loading \(weights_only\) refuses: .*GLOBAL posix.system.*--trust-pickle") as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()

@@ -53,13 +53,20 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"checkpoint {path} holds objects that safe loading (weights_only) refuses: {exc}. "
+            f"checkpoint {path} holds objects that safe loading (weights_only) refuses: {_refused(exc)}. "
             "If you trust the file's origin, load it with trust_pickle=True "
             "(--trust-pickle), which can run code stored in the file."
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as exc:
         reason = str(exc) or type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {reason} (expected a file written by torch.save)") from exc
+
+
+def _refused(exc: Exception) -> str:
+    """The line of torch's weights_only refusal that names what was refused (it spans a page)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(exc).__name__])[0].rstrip(".")
 
 
 EXPECTED = "expected a PyTorch checkpoint written by torch.save (a zip archive with data.pkl, or a legacy pickle)"
