@@ -143,11 +143,11 @@ class LockRecord:
         """Why this lock's holder cannot be holding it any more, or None while it may."""
         if self.pid is None and self.expiration is None and (self.age_s or 0) > LEGACY_MAX_AGE_S:
             return f"it names no process and is {self.age_s / 3600:.1f} h old"
-        if self.expiration is not None and self.expiration < _now():
-            return f"its lease expired at {self.expiration.isoformat(timespec='seconds')}"
         same_host = self.host == HOST and (self.pidns is None or self.pidns == PIDNS)
         if same_host and self.pid is not None and not _alive(self.pid, self.started):
             return "its process is gone"
+        if self.expiration is not None and self.expiration < _now():
+            return f"its lease expired at {self.expiration.isoformat(timespec='seconds')}"
         return None
 
 
