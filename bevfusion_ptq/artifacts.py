@@ -28,12 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from bevfusion_ptq import __version__
 from bevfusion_ptq.diskspace import disk_error, disk_errors
 from bevfusion_ptq.hashing import file_sha256
+from bevfusion_ptq.stable_save import save_stable
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def save_artifacts(
         staging.mkdir()
     try:
         cpu_model = copy.deepcopy(model).cpu().eval()
-        torch.save(ExportedModel(cpu_model), staging / "model.pth")
-        torch.save(cpu_model.state_dict(), staging / "state_dict.pth")
+        save_stable(ExportedModel(cpu_model), staging / "model.pth")  # same model, same bytes and sha256
+        save_stable(cpu_model.state_dict(), staging / "state_dict.pth")
         _write_json(staging / "quantizers.json", quantizers)
         for name, data in (extra_files or {}).items():
             _write_json(staging / name, data)

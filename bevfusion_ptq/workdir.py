@@ -19,6 +19,7 @@ from torch import nn
 from bevfusion_ptq.diskspace import disk_errors
 from bevfusion_ptq.errors import PTQError
 from bevfusion_ptq.hashing import file_sha256
+from bevfusion_ptq.stable_save import save_stable
 
 
 def state_dir() -> Path:
@@ -58,7 +59,7 @@ def save_model(model: nn.Module, stage: str, key: str, made_from: dict[str, Any]
     try:
         with disk_errors(target, f"save the {stage} work file"):
             folder.mkdir(parents=True, exist_ok=True)
-            torch.save(model, tmp)
+            save_stable(model, tmp)  # same model, same bytes (see stable_save)
             tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)

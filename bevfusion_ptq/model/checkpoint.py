@@ -27,6 +27,7 @@ from mmengine.config import Config
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from ..stable_save import save_stable
 from .builder import build_model
 from .config import load_config
 
@@ -438,11 +439,9 @@ def make_checkpoint(path: str | Path, cfg: Config | str, seed: int = 0) -> dict[
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    # Through a file object: given a path, torch.save names the archive inside the zip after
-    # the file, and this temporary name (PID included) would change the file's sha256, the
-    # run's keys and its version from one state directory to the next.
-    with open(tmp, "wb") as fh:
-        torch.save(checkpoint, fh)
+    # Given a path, torch.save names the zip's folder after this temporary name (PID
+    # included), which would change the file's sha256, the run's keys and its version.
+    save_stable(checkpoint, tmp)
     os.replace(tmp, path)
     summary = {
         "path": str(path),
