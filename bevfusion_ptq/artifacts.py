@@ -28,11 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from bevfusion_ptq import __version__
+from bevfusion_ptq.diskspace import disk_error, disk_errors
 from bevfusion_ptq.hashing import file_sha256
+from bevfusion_ptq.stable_save import save_stable
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,15 @@ def save_artifacts(
         log.info("version %s already saved at %s; reusing it", version, final)
         return SavedVersion(final, read_manifest(final), reused=True)
 
-    model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir / f".{version}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    with disk_errors(model_dir, "write to"):
+        model_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
     try:
         cpu_model = copy.deepcopy(model).cpu().eval()
-        torch.save(ExportedModel(cpu_model), staging / "model.pth")
-        torch.save(cpu_model.state_dict(), staging / "state_dict.pth")
+        save_stable(ExportedModel(cpu_model), staging / "model.pth")  # same model, same bytes and sha256
+        save_stable(cpu_model.state_dict(), staging / "state_dict.pth")
         _write_json(staging / "quantizers.json", quantizers)
         for name, data in (extra_files or {}).items():
             _write_json(staging / name, data)
@@ -128,8 +130,11 @@ def save_artifacts(
                 shutil.rmtree(staging, ignore_errors=True)
                 return SavedVersion(final, read_manifest(final), reused=True)
             raise
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        named = disk_error(exc, final, "save the version")  # "disk full" / "read-only", one line
+        if named is None:
+            raise
+        raise named from exc
     log.info("saved %d files to %s", len(files), final)
     return SavedVersion(final, manifest)

@@ -78,3 +78,9 @@ class ExportError(PTQError):
     an unfolded BatchNorm, a graph that ``onnx.checker`` rejects, a missing version file)."""
 
     exit_code = 15
+
+
+class DiskError(PTQError):
+    """The output or state directory is read-only, not writable, or has no room left."""
+
+    exit_code = 16

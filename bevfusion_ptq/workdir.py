@@ -16,8 +16,10 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from bevfusion_ptq.diskspace import disk_errors
 from bevfusion_ptq.errors import PTQError
 from bevfusion_ptq.hashing import file_sha256
+from bevfusion_ptq.stable_save import save_stable
 
 
 def state_dir() -> Path:
@@ -52,11 +54,15 @@ def stage_output(stage: str, key: str) -> Path:
 def save_model(model: nn.Module, stage: str, key: str, made_from: dict[str, Any], root: Path | None = None) -> StageRef:
     """Pickle ``model`` (CPU copy) to ``<root>/work/<stage>/<key>/model.pt``, atomically."""
     folder = stage_dir(stage, key, root)
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.pt"
     tmp = folder / f".model.pt.{os.getpid()}"
-    torch.save(model, tmp)
-    tmp.replace(target)
+    try:
+        with disk_errors(target, f"save the {stage} work file"):
+            folder.mkdir(parents=True, exist_ok=True)
+            save_stable(model, tmp)  # same model, same bytes (see stable_save)
+            tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
     ref = StageRef(stage=stage, key=key, path=str(target), sha256=file_sha256(target), made_from=made_from)
     (folder / "stage.json").write_text(ref.model_dump_json(indent=2) + "\n")  # for people and tests
     return ref

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -58,8 +59,10 @@ def params_from_args(ns: argparse.Namespace) -> PTQParams:
 def use_local_prefect() -> None:
     """Point Prefect at a project-local home unless the user configured an API.
 
-    With no ``PREFECT_API_URL``, runs use Prefect's ephemeral local API with its database
-    under our state directory, so the default job never touches the user's Prefect profile.
+    With no ``PREFECT_API_URL``, runs use a temporary local API with its database under our
+    state directory, so the default job never touches the user's Prefect profile. That
+    server dies with the run whatever ends it, and sends no telemetry
+    (:mod:`flows.local_server`).
     """
     if os.environ.get("PREFECT_API_URL"):
         return
@@ -67,6 +70,9 @@ def use_local_prefect() -> None:
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(home))
     os.environ.setdefault("PREFECT_PROFILES_PATH", str(home / "profiles.toml"))
+    from flows.local_server import start_temporary_server
+
+    start_temporary_server()
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -152,6 +158,8 @@ def cmd_publish(ns: argparse.Namespace) -> int:
     r = publish_version(ns.version_dir, ns.url, sse=ns.sse, kms_key_id=ns.kms_key_id, client=_s3_client(ns))
     state = "already published at" if r.reused else "published to"
     print(f"{r.model} {r.version} {state} {r.url} (latest {'moved' if r.latest_updated else 'unchanged'})")
+    if r.repaired:
+        print(f"repaired {len(r.repaired)} damaged file(s) from the local copy: {', '.join(r.repaired)}")
     return 0
 
 
@@ -314,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the flow records the crash, children are stopped."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -323,11 +339,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # makes basicConfig a no-op: our own loggers get their level explicitly.
     logging.getLogger("bevfusion_ptq").setLevel(level)
     func: Callable[[argparse.Namespace], int] = ns.func
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return func(ns)
     except PTQError as exc:
         print(f"bevfusion-ptq: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt as exc:
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"bevfusion-ptq: stopped by {signum.name}; saved calibration state is kept and the same "
+              "command resumes from it", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

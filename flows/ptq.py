@@ -26,6 +26,7 @@ def ptq(params: PTQParams = PTQParams()) -> dict:
     """Quantize a BEVFusion checkpoint to INT8 (fake-quant) and publish a versioned artifact."""
     run = stages.StageRunner()
     ckpt = run(stages.prepare_checkpoint, params=params)
+    stages.check_disk(params, ckpt)  # read-only or full output/state: fail now, not after calibrating
     data = run(stages.build_dataset, params=params)
     model = run(stages.load_model, params=params, ckpt=ckpt)
     model = run(stages.insert_quantizers, params=params, ref=model)

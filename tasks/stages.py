@@ -4,7 +4,7 @@ Caching: each task's cache key is the pipeline's content key for the same argume
 (checkpoint sha256, config hash, dataset fingerprint, the stage's parameters, the package
 version and stage source, the upstream keys). Results (small descriptors, never models) and
 cache records live under the state directory, and ``SERIALIZABLE`` isolation with a
-file-system lock manager makes a concurrent identical run on the same host wait for the
+file-system lock manager (:mod:`tasks.locks`: a dead holder's lock is broken) makes a concurrent identical run on the same host wait for the
 first one and then take its result instead of computing it again. Across hosts the state
 directory (results, locks, work files) must be one shared file system, or the lock manager
 a shared one (Prefect's Redis lock manager).
@@ -32,9 +32,8 @@ from typing import Any
 
 from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.filesystems import LocalFileSystem
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run
 from prefect.tasks import exponential_backoff
@@ -44,6 +43,7 @@ from bevfusion_ptq.artifacts import SavedVersion
 from bevfusion_ptq.errors import PTQError
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.workdir import state_dir
+from tasks.locks import LeasedLockManager
 from tasks.retries import retry_unless_input_error
 
 FAIL_AT_BATCH_ENV = "BEVFUSION_PTQ_FAIL_AT_BATCH"
@@ -70,6 +70,12 @@ def _stage(name: str, key_fn: Callable[..., str], timeout_s: float, **options: A
 @_stage("prepare-checkpoint", pipeline.prepare_checkpoint_key, 3600, retries=2, retry_delay_seconds=exponential_backoff(10))
 def prepare_checkpoint(params: PTQParams) -> pipeline.CheckpointRef:
     return pipeline.prepare_checkpoint(params)
+
+
+@task(name="check-disk", cache_policy=NO_CACHE, retries=0)
+def check_disk(params: PTQParams, ckpt: pipeline.CheckpointRef) -> dict[str, int]:
+    """Not cached: the disk fills up between runs. A read-only or full disk fails here, in one line."""
+    return pipeline.check_disk(params, ckpt)
 
 
 @_stage("build-dataset", pipeline.prepare_dataset_key, 3600)
@@ -176,7 +182,7 @@ class StageRunner:
         storage.save(name, overwrite=True)
         self.storage = storage
         self.keys = str(home / "keys")  # cache records; must not share a folder with the results
-        self.locks = FileSystemLockManager(home / "locks")
+        self.locks = LeasedLockManager(home / "locks")  # a killed holder's lock is broken
         self.timings: dict[str, float] = {}
 
     def __call__(self, stage_task: Task, **inputs: Any) -> Any:

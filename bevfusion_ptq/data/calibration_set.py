@@ -22,6 +22,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from bevfusion_ptq.data.infos import SampleRecord, read_info_file
 from bevfusion_ptq.data.pipeline import SamplePipeline
 from bevfusion_ptq.data.sampling import choose_samples
 from bevfusion_ptq.data.settings import DataSettings, check_pipeline
-from bevfusion_ptq.errors import DatasetError
+from bevfusion_ptq.errors import DatasetError, PTQError
 from bevfusion_ptq.hashing import data_sha256
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class CalibrationSet:
         dataset = self.dataset()
         if start:
             dataset = Subset(dataset, range(start, len(dataset)))
-        return DataLoader(
+        return _OwnErrorsLoader(
             dataset,
             batch_size=1,
             shuffle=False,
@@ -216,3 +217,38 @@ def _check_files(
                 )
             sizes.append(size)
     return sizes
+
+
+class _OwnErrorsLoader(DataLoader):
+    """A DataLoader whose workers' input errors reach the caller as the worker raised them.
+
+    torch re-raises an error of a worker process as the same type with a new message:
+    "Caught DatasetError in DataLoader worker process 0", then the worker's whole traceback,
+    and only at the end our message that names the sample and file. The user gets our
+    message alone; the worker traceback goes to the debug log (``-v``).
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        return _own_errors(super().__iter__())
+
+
+def _own_errors(batches: Iterator[Any]) -> Iterator[Any]:
+    try:
+        yield from batches
+    except PTQError as exc:
+        original = worker_error_message(exc)
+        if original is None:
+            raise
+        log.debug("data-loader worker failed:\n%s", exc)
+        raise type(exc)(original) from None
+
+
+def worker_error_message(exc: BaseException) -> str | None:
+    """The message a data-loader worker raised, from torch's re-raised copy; None if not one."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return None
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker):].strip() if at >= 0 else None
+

@@ -27,6 +27,7 @@ from mmengine.config import Config
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from ..stable_save import save_stable
 from .builder import build_model
 from .config import load_config
 
@@ -48,16 +49,82 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
+    _check_format(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"checkpoint {path} holds objects that safe loading (weights_only) refuses: {exc}. "
+            f"checkpoint {path} holds objects that safe loading (weights_only) refuses: {_refused(exc)}. "
             "If you trust the file's origin, load it with trust_pickle=True "
             "(--trust-pickle), which can run code stored in the file."
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason} (expected a file written by torch.save)") from exc
+
+
+def _refused(exc: Exception) -> str:
+    """The line of torch's weights_only refusal that names what was refused (it spans a page)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(exc).__name__])[0].rstrip(".")
+
+
+EXPECTED = "expected a PyTorch checkpoint written by torch.save (a zip archive with data.pkl, or a legacy pickle)"
+_SIGNATURES = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89HDF", "an HDF5 file (Keras/TensorFlow weights?)"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"BZh", "a bzip2 archive"),
+    (b"\xfd7zXZ", "an xz archive"),
+    (b"%PDF", "a PDF document"),
+    (b"\x7fELF", "an executable"),
+    (b"ustar", "a tar archive"),
+)
+
+
+def _describe(head: bytes) -> str:
+    """What a file that is not a checkpoint is, from its first bytes."""
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic) or (magic == b"ustar" and head[257:262] == magic):
+            return what
+    if len(head) >= 10 and head[8:10] == b'{"':
+        return "a safetensors file (load it with safetensors, then save a state dict with torch.save)"
+    text = head.lstrip()[:1]
+    if text in (b"{", b"["):
+        return "a JSON or text file"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return f"an unknown binary file (starts with {head[:8].hex(' ')})"
+
+
+def _check_format(path: Path) -> None:
+    """Refuse, in one line, a file that cannot be a checkpoint before torch reads it.
+
+    torch.load on such a file fails with whatever its reader trips over first (a
+    ``KeyError: 101`` for a text file, an empty message for an empty one).
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): {EXPECTED}")
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        import zipfile
+
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except zipfile.BadZipFile as exc:
+            raise CheckpointError(f"checkpoint {path} is a damaged or truncated zip archive ({exc}): {EXPECTED}") from None
+        if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            raise CheckpointError(f"checkpoint {path} is a zip archive without data.pkl: {EXPECTED}")
+        return
+    if head.startswith(b"\x80"):
+        return  # a pickle: the legacy torch.save format
+    raise CheckpointError(f"checkpoint {path} is {_describe(head)}, not a checkpoint: {EXPECTED}")
 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Tensor], dict[str, Any], str]:
@@ -388,7 +455,9 @@ def make_checkpoint(path: str | Path, cfg: Config | str, seed: int = 0) -> dict[
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(checkpoint, tmp)
+    # Given a path, torch.save names the zip's folder after this temporary name (PID
+    # included), which would change the file's sha256, the run's keys and its version.
+    save_stable(checkpoint, tmp)
     os.replace(tmp, path)
     summary = {
         "path": str(path),

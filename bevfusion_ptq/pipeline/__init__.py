@@ -39,11 +39,12 @@ from bevfusion_ptq.pipeline.model_stages import (
 )
 from bevfusion_ptq.pipeline.outputs import output_present
 from bevfusion_ptq.pipeline.refs import CheckpointRef, DatasetRef, ExportRef, FidelityRef, StageRef
+from bevfusion_ptq.pipeline.room import check_disk
 from bevfusion_ptq.pipeline.save_stage import local_root, save_artifacts_key, save_artifacts_stage, version_id
 
 __all__ = [
     "CalibrationInterrupted", "CheckpointRef", "DatasetRef", "FidelityRef", "InjectedFault", "StageRef",
-    "calibrate_key", "calibrate_stage", "config_identity", "fidelity_key", "fidelity_stage", "fuse_bn_key",
+    "calibrate_key", "calibrate_stage", "check_disk", "config_identity", "fidelity_key", "fidelity_stage", "fuse_bn_key",
     "fuse_bn_stage", "insert_quantizers_key", "insert_quantizers_stage", "load_model_key", "load_model_stage",
     "local_root", "output_present", "prepare_checkpoint", "prepare_checkpoint_key", "prepare_dataset",
     "prepare_dataset_key", "resolve_device", "save_artifacts_key", "save_artifacts_stage", "version_id",

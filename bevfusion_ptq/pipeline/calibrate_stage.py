@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bevfusion_ptq.diskspace import disk_errors
+from bevfusion_ptq.interrupts import stop_between_batches
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline.inputs import open_calibration_set, resolve_device
 from bevfusion_ptq.pipeline.keys import stage_key
@@ -56,8 +58,12 @@ class _Checkpointer:
 
     def save(self, seen: int) -> None:
         tmp = self.path.with_name(f".{self.path.name}.partial")
-        torch.save(export_calibration_state(self.model, seen), tmp)
-        tmp.replace(self.path)
+        try:
+            with disk_errors(self.path, "save the calibration state"):
+                torch.save(export_calibration_state(self.model, seen), tmp)
+                tmp.replace(self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.last, self.saved_at = time.monotonic(), seen
         log.info("calibration state saved after batch %d to %s", seen, self.path)
 
@@ -86,7 +92,8 @@ def calibrate_stage(
 
     ``fail_at_batch`` raises :class:`InjectedFault` right after that batch (tests of resume);
     ``deadline`` (``time.monotonic()`` value) stops cleanly between batches, state saved, so a
-    timeout never loses more than one batch.
+    timeout never loses more than one batch; so does a SIGINT or SIGTERM (see
+    :mod:`bevfusion_ptq.interrupts`).
     """
     key = calibrate_key(params, ref, data)
     folder = stage_dir("calibrate", key)
@@ -107,6 +114,10 @@ def calibrate_stage(
         checkpointer.saved_at = start
 
         def after_batch(seen: int, of: int) -> None:
+            if stop.requested is not None:  # Ctrl-C or SIGTERM during this batch
+                checkpointer.save(seen)
+                log.warning("calibration stopped after batch %d of %d; the same command resumes from there", seen, of)
+                stop.hand_on()
             if seen < of and checkpointer.due(seen):
                 checkpointer.save(seen)
             if progress is not None:
@@ -120,10 +131,11 @@ def calibrate_stage(
                 raise CalibrationInterrupted(f"calibration ran out of time after batch {seen} of {of}; state saved")
 
         log.info("calibrating %d batches on %s with method %s", total, device, params.calib_method)
-        result = calibrate(
-            model, loader, method=params.calib_method, num_batches=total,
-            percentile=params.percentile, progress=after_batch, start=start,
-        )
+        with stop_between_batches() as stop:
+            result = calibrate(
+                model, loader, method=params.calib_method, num_batches=total,
+                percentile=params.percentile, progress=after_batch, start=start,
+            )
         disabled = apply_exclusions(model, tuple(params.exclude))
         relu = fold_relu(model)
     except BaseException:

@@ -90,7 +90,9 @@ def save_artifacts_stage(
     def write_extra(folder: Path) -> None:
         (folder / "status.md").write_text(_status_markdown(status))
         if fidelity.path:
-            (folder / "fidelity.json").write_text(Path(fidelity.path).read_text())
+            report = json.loads(Path(fidelity.path).read_text())
+            report.pop("seconds", None)  # a wall time: published files depend on the inputs only
+            (folder / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
         plot_histograms(model, folder / "plots", method=params.calib_method)
         copy_export(exported, folder)
 

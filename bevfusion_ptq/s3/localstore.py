@@ -15,7 +15,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from bevfusion_ptq.errors import PublishError
+from bevfusion_ptq.errors import PublishError, VerificationError
 from bevfusion_ptq.s3.manifest import MANIFEST, FileEntry, check_file
 from bevfusion_ptq.s3.url import Location
 
@@ -58,6 +58,38 @@ class LocalStore:
     def has_any(self, rel: str) -> bool:
         path = self.root / rel
         return path.is_dir() and any(path.iterdir())
+
+    def repair_version(self, version_dir: Path, rel: str, published: list[dict], local: dict[str, FileEntry]) -> list[str]:
+        """Check every file of a published version against its manifest; replace damaged ones
+        by the intact local copy (checked again after the copy, then renamed into place)."""
+        final = self.root / rel
+        if final.resolve() == version_dir.resolve():
+            return []
+        repaired, beyond = [], []
+        for f in published:
+            try:
+                check_file(final / f["name"], f, str(final))
+                continue
+            except VerificationError as exc:
+                reason = str(exc)
+            mine = local.get(f["name"])
+            if mine is None or (mine.size, mine.sha256) != (f["size"], f["sha256"]):
+                beyond.append(reason)
+                continue
+            log.warning("%s; replacing it by the intact local copy", reason)
+            target = final / f["name"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.repair-{uuid.uuid4().hex[:12]}"
+            try:
+                shutil.copyfile(version_dir / f["name"], tmp)
+                check_file(tmp, f, str(final))
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            repaired.append(f["name"])
+        if beyond:
+            raise PublishError(f"{'; '.join(beyond)}; this local copy does not hold the manifest's bytes either")
+        return repaired
 
     def put_version(self, version_dir: Path, rel: str, manifest_raw: bytes, entries: list[FileEntry]) -> bool:
         final = self.root / rel

@@ -3,7 +3,9 @@
 Order, so a consumer never sees a half version: check the local files against their
 manifest; upload every file (managed transfer, checksummed) and read each back by HEAD;
 write the manifest only then, and only if absent; finally move ``latest`` forward by
-compare-and-swap. Publishing a version that is already there writes nothing.
+compare-and-swap. Publishing a version that is already there writes nothing, except to
+repair it: each published object is checked against the published manifest, and one that
+differs is replaced by the intact local copy (only bytes that match the manifest).
 """
 
 from __future__ import annotations
@@ -40,14 +42,27 @@ class PublishResult:
     manifest_key: str
     reused: bool
     latest_updated: bool
+    repaired: tuple[str, ...] = ()
+    """Files of an already published version that differed from its manifest and were
+    restored from the intact local copy."""
 
 
-def _warn_if_different(store: Store, rel: str, manifest: dict) -> None:
-    """Same version id, other bytes (a non-deterministic rebuild): the published copy stays."""
-    found = store.read(rel)
-    if found is not None and parse_manifest(found[0], store.loc.display(rel))["files"] != manifest["files"]:
+def _check_published(store: Store, version_dir: Path, rel: str, manifest: dict, entries: list) -> list[str]:
+    """An already published version: repair objects that differ from its manifest.
+
+    Same version id with other file hashes (a non-deterministic rebuild) only warns: the
+    published copy stays, and only local files that hold the published manifest's bytes may
+    replace damaged objects.
+    """
+    manifest_rel = f"{rel}/{MANIFEST}"
+    found = store.read(manifest_rel)
+    if found is None:
+        return []
+    published = parse_manifest(found[0], store.loc.display(manifest_rel))
+    if published["files"] != manifest["files"]:
         log.warning("%s was already published with other file hashes; versions are immutable, so the "
-                    "published copy stays and this local one is not uploaded", store.loc.display(rel))
+                    "published copy stays and this local one is not uploaded", store.loc.display(manifest_rel))
+    return store.repair_version(version_dir, rel, published["files"], {e.name: e for e in entries})
 
 
 def publish_version(
@@ -74,8 +89,7 @@ def publish_version(
     try:
         with translated(f"publishing {version} to {target}"):
             written = store.put_version(version_dir, f"{model}/{version}", raw, entries)
-            if not written:
-                _warn_if_different(store, f"{model}/{version}/{MANIFEST}", manifest)
+            repaired = [] if written else _check_published(store, version_dir, f"{model}/{version}", manifest, entries)
             moved = advance_latest(store, model, latest_record(manifest))
     except PTQError as exc:
         raise type(exc)(f"{exc}. The local version directory {version_dir} is intact; publish it later "
@@ -85,4 +99,4 @@ def publish_version(
              "; latest moved" if moved else "")
     key = loc.key(model, version, MANIFEST) if loc.is_s3 else loc.display(model, version, MANIFEST)
     return PublishResult(url=target, version=version, model=model, manifest_key=key, reused=reused,
-                         latest_updated=moved)
+                         latest_updated=moved, repaired=tuple(repaired))

@@ -130,6 +130,35 @@ class S3Store:
         self._check_winner(rel)
         return False
 
+    def repair_version(self, version_dir: Path, rel: str, published: list[dict], local: dict[str, FileEntry]) -> list[str]:
+        """Check every object of a published version against its manifest (size, recorded
+        sha256, S3's checksums) and re-upload the intact local copy of any that differ.
+
+        Only local bytes whose size and sha256 equal the manifest's entry are sent, and the
+        upload carries that checksum, so S3 itself refuses any other bytes: a version stays
+        what its manifest says. Returns the repaired file names.
+        """
+        repaired, beyond = [], []
+        for f in published:
+            entry = FileEntry(f["name"], f["size"], f["sha256"])
+            where = self.loc.display(rel, entry.name)
+            reason = self._mismatch(self.head(f"{rel}/{entry.name}"), entry)
+            if reason is None:
+                continue
+            mine = local.get(entry.name)
+            if mine is None or (mine.size, mine.sha256) != (entry.size, entry.sha256):
+                beyond.append(f"{entry.name} ({reason})")
+                continue
+            log.warning("%s does not match its manifest (%s); re-uploading the intact local copy", where, reason)
+            self._upload(version_dir / entry.name, f"{rel}/{entry.name}", mine)
+            if again := self._mismatch(self.head(f"{rel}/{entry.name}"), entry):
+                raise TransientStorageError(f"{where} does not read back as uploaded after repair ({again})")
+            repaired.append(entry.name)
+        if beyond:
+            raise PublishError(f"{self.loc.display(rel)}: {', '.join(beyond)} differ from the published manifest and "
+                               "this local copy does not hold the manifest's bytes either; fetch will refuse them")
+        return repaired
+
     def _check_winner(self, rel: str) -> None:
         """Another publisher wrote this version's manifest first: its files must match it."""
         found = self.read(f"{rel}/{MANIFEST}")

@@ -43,6 +43,10 @@ class Store(Protocol):
     def put_version(self, version_dir: Path, rel: str, manifest_raw: bytes, entries: list[FileEntry]) -> bool:
         """Copy a verified version in, manifest last; False if it was already there."""
 
+    def repair_version(self, version_dir: Path, rel: str, published: list[dict], local: dict[str, FileEntry]) -> list[str]:
+        """Restore published files that differ from the published manifest from intact local
+        ones (``local``: verified entries by name); the names restored."""
+
 
 def sse_args(sse: str | None, kms_key_id: str | None) -> dict[str, str]:
     """PutObject/upload arguments for SSE-S3 (``AES256``) or SSE-KMS (``aws:kms`` + optional key)."""
