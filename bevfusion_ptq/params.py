@@ -5,19 +5,41 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bevfusion_ptq.quant.rules import DEFAULT_EXCLUDE
+from bevfusion_ptq.quant.defaults import DEFAULT_EXCLUDE
+
+# The UI form's field titles (pydantic's own would read "Sse Kms Key Id").
+_TITLES = {
+    "config": "Model config",
+    "checkpoint": "Checkpoint",
+    "data_root": "nuScenes data root",
+    "calib_batches": "Calibration batches",
+    "calib_sampling": "Calibration sampling",
+    "calib_pipeline": "Calibration pipeline",
+    "calib_method": "Calibration method",
+    "percentile": "Percentile",
+    "exclude": "Excluded modules",
+    "fidelity_batches": "Fidelity batches",
+    "calib_checkpoint_every": "Save calibration state every N batches",
+    "output": "Output (directory or s3:// URL)",
+    "sse": "S3 server-side encryption",
+    "sse_kms_key_id": "SSE KMS key id",
+    "device": "Device",
+    "seed": "Seed",
+}
 
 
 class PTQParams(BaseModel):
-    """Everything that decides what a PTQ run produces (plus where it goes).
+    """What a PTQ run quantizes, how it calibrates, and where the version is published."""
 
-    Field names are the CLI options with ``_`` for ``-`` (``calib_batches`` is
-    ``--calib-batches``); descriptions are the help texts and the UI form's labels.
-    """
-
-    model_config = ConfigDict(extra="forbid")
+    # Field names are the CLI options with ``_`` for ``-`` (``calib_batches`` is
+    # ``--calib-batches``); titles and descriptions are the UI form's labels and the help
+    # texts. (A comment, not the docstring: the docstring is shown in the UI form.)
+    model_config = ConfigDict(
+        extra="forbid", title="PTQ parameters",
+        field_title_generator=lambda name, _info: _TITLES.get(name, name.replace("_", " ").capitalize()),
+    )
 
     config: str = Field(
         "bevfusion-tiny",
@@ -64,6 +86,27 @@ class PTQParams(BaseModel):
     sse_kms_key_id: str | None = Field(None, description="KMS key id for --sse aws:kms (default: the bucket's key)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="calibration device; auto picks cuda when available")
     seed: int = Field(0, ge=0, description="seed for generated data, random checkpoints and sampling")
+
+    @field_validator("output")
+    @classmethod
+    def _known_output(cls, value: str) -> str:
+        """Refuse ``ftp://x`` or a bad bucket name now, not after calibration."""
+        from bevfusion_ptq.errors import ConfigError
+        from bevfusion_ptq.s3.url import parse_url
+
+        try:
+            parse_url(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _encryption_needs_s3(self) -> PTQParams:
+        if (self.sse or self.sse_kms_key_id) and not self.publishes_to_s3:
+            raise ValueError(f"--sse and --sse-kms-key-id apply to s3:// outputs only, not to {self.output!r}")
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise ValueError("--sse-kms-key-id needs --sse aws:kms")
+        return self
 
     @property
     def model_name(self) -> str:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel
-from torch import nn
 
 from bevfusion_ptq.errors import PTQError
 from bevfusion_ptq.hashing import file_sha256
+
+if TYPE_CHECKING:  # torch is imported where models are saved or loaded, not for state_dir()
+    from torch import nn
 
 
 def state_dir() -> Path:
@@ -51,6 +52,8 @@ def stage_output(stage: str, key: str) -> Path:
 
 def save_model(model: nn.Module, stage: str, key: str, made_from: dict[str, Any], root: Path | None = None) -> StageRef:
     """Pickle ``model`` (CPU copy) to ``<root>/work/<stage>/<key>/model.pt``, atomically."""
+    import torch
+
     folder = stage_dir(stage, key, root)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.pt"
@@ -67,6 +70,8 @@ def load_model(ref: StageRef) -> nn.Module:
 
     The file is our own work file, so full unpickling is safe here (unlike user checkpoints).
     """
+    import torch
+
     path = Path(ref.path)
     if not path.is_file():
         raise PTQError(f"work file of stage {ref.stage} is missing: {path}; run again with --refresh-cache")

@@ -171,6 +171,7 @@ class StageRunner:
         self.keys = str(home / "keys")  # cache records; must not share a folder with the results
         self.locks = FileSystemLockManager(home / "locks")
         self.timings: dict[str, float] = {}
+        self.states: dict[str, str] = {}  # task name -> final state name ("Cached", "Completed")
 
     def __call__(self, stage_task: Task, **inputs: Any) -> Any:
         stage = _STAGE_NAMES[stage_task]
@@ -182,9 +183,16 @@ class StageRunner:
             options["refresh_cache"] = True
         started = time.perf_counter()
         try:
-            return stage_task.with_options(**options)(**inputs)
+            state = stage_task.with_options(**options)(**inputs, return_state=True)
+            self.states[stage_task.name] = state.name
+            return state.result()
         finally:
             self.timings[stage_task.name] = round(time.perf_counter() - started, 3)
+
+    @property
+    def recomputed(self) -> list[str]:
+        """The stages that ran rather than came from the cache."""
+        return [name for name, state in self.states.items() if state != "Cached"]
 
     def _stale(self, stage: str, policy: CacheKeyFnPolicy, inputs: dict[str, Any]) -> bool:
         """A cache record exists but the files it points to are gone.
