@@ -133,7 +133,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     params = params_from_args(ns)
     check_inputs(params)  # one line for a bad input, before Prefect, torch or any data is touched
-    if not ns.refresh_cache and (done := find_published(params)) is not None:
+    if not (ns.refresh_cache or ns.full_flow) and (done := find_published(params)) is not None:
         return _report_rerun(params, done, as_json=ns.json)
     use_local_prefect()
     # The library's own log lines (calibration progress with rate and ETA, resumes) go to the
@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_param_options(run)
     run.add_argument("--refresh-cache", action="store_true",
                      help="recompute every stage even when a cached result exists (e.g. after cleaning work files)")
+    run.add_argument("--full-flow", action="store_true",
+                     help="run the Prefect flow even when this version is already published (every stage then "
+                          "comes from the cache); without it such a re-run only checks the published copy")
     run.add_argument("--json", action="store_true", help="print the run's result as JSON")
     run.set_defaults(func=cmd_run)
 

@@ -43,6 +43,7 @@ from bevfusion_ptq import pipeline
 from bevfusion_ptq.artifacts import SavedVersion
 from bevfusion_ptq.errors import PTQError
 from bevfusion_ptq.params import PTQParams
+from bevfusion_ptq.progress import Bar
 from bevfusion_ptq.workdir import state_dir
 from tasks.retries import retry_unless_input_error
 
@@ -98,8 +99,10 @@ class _ProgressArtifact:
     def __init__(self, total: int) -> None:
         self.id = create_progress_artifact(0.0, description=f"calibration: 0 of {total} batches")
         self.last = 0.0
+        self.bar = Bar(total, "calibration")  # a terminal bar as well, when stderr is one
 
     def __call__(self, seen: int, total: int) -> None:
+        self.bar(seen, total)
         now = time.monotonic()
         if seen == total or now - self.last >= 3.0:
             update_progress_artifact(self.id, 100.0 * seen / total, description=f"calibration: {seen} of {total} batches")
