@@ -25,7 +25,9 @@ def configure_logging(*, verbose: bool = False, quiet: bool = False) -> int:
     here (unless the user set it) so its console lines follow ``--quiet`` too.
     """
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format=FORMAT, force=True)
+    _silence_absl_handler()
+    # A no-op where the root logger already has a handler (pytest, an application embedding us).
+    logging.basicConfig(level=level, format=FORMAT)
     logging.getLogger("bevfusion_ptq").setLevel(level)
     for name, cap in _CAPPED.items():
         logger = logging.getLogger(name)
@@ -33,7 +35,6 @@ def configure_logging(*, verbose: bool = False, quiet: bool = False) -> int:
             logger.setLevel(cap)
     if quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    _silence_absl_handler()
     return level
 
 

@@ -23,11 +23,11 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from bevfusion_ptq import __version__
+from bevfusion_ptq.atomic import write_text
 from bevfusion_ptq.config_files import config_path
 from bevfusion_ptq.hashing import data_sha256
 from bevfusion_ptq.params import PTQParams
@@ -92,11 +92,7 @@ def remember(params: PTQParams, result: dict[str, Any]) -> None:
         "model": params.model_name, "flow_run_id": str(result.get("flow_run_id")),
         "recorded_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    path = _record_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(path)
+    write_text(_record_path(key), json.dumps(record, indent=2) + "\n")
 
 
 def find_published(params: PTQParams, *, client: Any = None) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from bevfusion_ptq.atomic import atomic_path
 from bevfusion_ptq.errors import PTQError
 from bevfusion_ptq.hashing import file_sha256
 
@@ -55,11 +56,9 @@ def save_model(model: nn.Module, stage: str, key: str, made_from: dict[str, Any]
     import torch
 
     folder = stage_dir(stage, key, root)
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.pt"
-    tmp = folder / f".model.pt.{os.getpid()}"
-    torch.save(model, tmp)
-    tmp.replace(target)
+    with atomic_path(target) as partial:
+        torch.save(model, partial)
     ref = StageRef(stage=stage, key=key, path=str(target), sha256=file_sha256(target), made_from=made_from)
     (folder / "stage.json").write_text(ref.model_dump_json(indent=2) + "\n")  # for people and tests
     return ref

@@ -251,14 +251,26 @@ def test_cli_run_with_embedded_defaults(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "artifacts written to" in proc.stdout
     versions = [p for p in (tmp_path / "artifacts" / "bevfusion-tiny").iterdir() if p.is_dir()]
     assert len(versions) == 1
+    assert proc.stdout.strip().startswith(f"written to {versions[0]} (version {versions[0].name}; recomputed: ")
     _check_version_dir(versions[0])
     # Progress lines of the library reach the console, with rate and ETA.
     assert "calibration batch 2/2" in proc.stderr and "ETA" in proc.stderr
+    # One logging configuration: no glog-style lines, no per-quantizer chatter.
+    for noise in ("Logging before flag parsing", "Disable MaxCalibrator", "Enable MaxCalibrator", "Overwriting amax"):
+        assert noise not in proc.stderr
     # Prefect state stayed under our state directory, not in ~/.prefect.
     assert (tmp_path / "state" / "prefect").is_dir()
+
+    # The same run again through the flow: every stage cached, and the last line says so.
+    again = subprocess.run(proc.args + ["--full-flow"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.strip() == f"already published at {versions[0]}, nothing recomputed (version {versions[0].name})"
+    # And without --full-flow: answered from the published version, without the flow.
+    fast = subprocess.run(proc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert fast.returncode == 0 and fast.stdout == again.stdout, fast.stderr[-4000:]
+    assert "Created flow run" not in fast.stderr and "Created flow run" in again.stderr
 
 
 def test_cli_bad_parameter_fails_with_one_line(tmp_path):

@@ -16,7 +16,6 @@ turns that patch into a no-op: this module is the only place that converts.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from mmengine.config import Config
 from torch import Tensor, nn
 
+from ..atomic import atomic_path
 from ..errors import CheckpointError
 from .builder import build_model
 from .config import load_config
@@ -370,10 +370,8 @@ def make_checkpoint(path: str | Path, cfg: Config | str, seed: int = 0) -> dict[
             "sparse_layout": SPCONV1,
         },
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as partial:
+        torch.save(checkpoint, partial)
     summary = {
         "path": str(path),
         "num_keys": len(state),
