@@ -21,6 +21,7 @@ The URL scheme, bucket name and encryption options are checked by
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import os
 import uuid
@@ -55,11 +56,22 @@ def check_config(name_or_path: str) -> Path:
     path = config_path(name_or_path)
     try:
         source = path.read_text()
-        tree = ast.parse(source, filename=str(path))
+        if path.suffix != ".py":
+            sections = set(json.loads(source)) if path.suffix == ".json" else {"model", "data"}
+            tree = None
+        else:
+            tree = ast.parse(source, filename=str(path))
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except SyntaxError as exc:
         raise ConfigError(f"config {path} is not valid Python: line {exc.lineno}: {exc.msg}") from None
+    except ValueError as exc:
+        raise ConfigError(f"config {path} is not valid JSON: {exc}") from None
+    if tree is None:
+        missing = [s for s in ("model", "data") if s not in sections]
+        if missing:
+            raise ConfigError(f"config {path} lacks the section(s) {missing}")
+        return path
     assigned = {
         target.id
         for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
