@@ -36,7 +36,7 @@ print(json.dumps({"code": code, "heavy": sorted(m for m in %r if m in sys.module
 
 def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    base.update(PYTHONPATH=str(REPO), BEVFUSION_PTQ_HOME=str(tmp_path / "state"), **(env or {}))
+    base.update(PYTHONPATH=str(REPO), BEVFUSION_PTQ_HOME=str(tmp_path / "state"), COLUMNS="250", **(env or {}))
     return subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=tmp_path, env=base,
                           capture_output=True, text=True, timeout=300)
 
