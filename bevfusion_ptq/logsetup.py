@@ -39,16 +39,26 @@ def configure_logging(*, verbose: bool = False, quiet: bool = False) -> int:
 
 
 def _silence_absl_handler() -> None:
-    """absl prints its "before flag parsing" line when it logs before flags are parsed, and
-    puts its own handler on the root logger when imported (pytorch-quantization imports it).
-    Marking the flags parsed and keeping its handler off the root leaves our one handler."""
+    """Keep absl's handler off the root logger, now and when pytorch-quantization is imported.
+
+    pytorch-quantization calls ``absl.logging.use_absl_handler()`` on import, which removes
+    every stderr handler from the root logger, adds absl's own (glog-style lines, and
+    "WARNING: Logging before flag parsing goes to stderr." first) and resets the root level.
+    absl has no setting against that, so once an application has chosen its logging (this
+    function), that call becomes a no-op; absl's own records still reach the "absl" logger.
+    """
     try:
         from absl import flags
         from absl import logging as absl_logging
     except ImportError:  # pragma: no cover - absl comes with pytorch-quantization
         return
     if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+        flags.FLAGS.mark_as_parsed()  # no "before flag parsing" line from any absl handler
+    absl_logging.use_absl_handler = _absl_handler_declined
     handler = absl_logging.get_absl_handler()
     if handler in logging.root.handlers:
         logging.root.removeHandler(handler)
+
+
+def _absl_handler_declined() -> None:
+    """Stands in for ``absl.logging.use_absl_handler`` once logging is configured."""
