@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from bevfusion_ptq.quant.defaults import DEFAULT_EXCLUDE
 
@@ -30,6 +30,25 @@ _TITLES = {
 }
 
 
+def _form_schema(schema: dict[str, Any]) -> None:
+    """Optional fields as their plain type in the JSON schema (as pydantic 1 wrote them).
+
+    Pydantic 2 writes ``str | None`` as ``anyOf [string, null]``, which Prefect's run form
+    shows as a "str / None" switch with a "Property is type None" input. Here an optional
+    field is its plain type, and unset means absent: the form leaves an empty field out, and
+    :meth:`PTQParams._omit_unset_optionals` leaves None out of every dump (the flow's default
+    in the form included), so the model's default (None) applies when it is read back.
+    """
+    for prop in schema.get("properties", {}).values():
+        variants = prop.get("anyOf", [])
+        kept = [v for v in variants if v.get("type") != "null"]
+        if len(variants) == 2 and len(kept) == 1:
+            del prop["anyOf"]
+            prop.update(kept[0])
+            if prop.get("default", "") is None:
+                del prop["default"]
+
+
 class PTQParams(BaseModel):
     """What a PTQ run quantizes, how it calibrates, and where the version is published."""
 
@@ -37,7 +56,7 @@ class PTQParams(BaseModel):
     # ``--calib-batches``); titles and descriptions are the UI form's labels and the help
     # texts. (A comment, not the docstring: the docstring is shown in the UI form.)
     model_config = ConfigDict(
-        extra="forbid", title="PTQ parameters",
+        extra="forbid", title="PTQ parameters", json_schema_extra=_form_schema,
         field_title_generator=lambda name, _info: _TITLES.get(name, name.replace("_", " ").capitalize()),
     )
 
@@ -107,6 +126,11 @@ class PTQParams(BaseModel):
         if self.sse_kms_key_id and self.sse != "aws:kms":
             raise ValueError("--sse-kms-key-id needs --sse aws:kms")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_optionals(self, handler: Any) -> dict[str, Any]:
+        """Dumps leave out optional fields that are None (see :func:`_form_schema`)."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     @property
     def model_name(self) -> str:
