@@ -15,7 +15,9 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Loggers that speak at INFO about things a user of this tool never needs.
 _CAPPED = {"absl": logging.ERROR, "numba": logging.WARNING, "matplotlib": logging.WARNING,
            "PIL": logging.WARNING, "botocore": logging.WARNING, "urllib3": logging.WARNING,
-           "s3transfer": logging.WARNING, "boto3": logging.WARNING}
+           "s3transfer": logging.WARNING, "boto3": logging.WARNING,
+           # one line per request to the Prefect API
+           "httpx": logging.WARNING, "httpcore": logging.WARNING}
 
 
 def configure_logging(*, verbose: bool = False, quiet: bool = False) -> int:
@@ -33,6 +35,8 @@ def configure_logging(*, verbose: bool = False, quiet: bool = False) -> int:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET or name == "absl":
             logger.setLevel(cap)
+    # torch's own handler writes glog-style lines ("W1202 05:40:19.95 ...]"); same format here.
+    os.environ.setdefault("TORCH_LOGS_FORMAT", FORMAT)
     if quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     return level
