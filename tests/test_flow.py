@@ -141,15 +141,23 @@ def test_first_run_writes_artifacts_then_identical_run_is_all_cached(prefect_api
     kinds = {}
     for a in asyncio.run(artifacts()):
         kinds.setdefault(a.type, []).append(a)
-    assert {"table", "markdown", "progress", "image"} <= kinds.keys()
+    assert {"table", "markdown", "progress"} <= kinds.keys() and "image" not in kinds
+    assert all(a.key for a in kinds["table"] + kinds["markdown"])
+    plots = next(a.data for a in kinds["markdown"] if a.key == "activation-histograms")
+    assert plots.count("](data:image/png;base64,") == len(list((version_dir / "plots").glob("*.png"))) > 0
     assert [a.data for a in kinds["progress"]] == [100.0]
     summary = next(a.data for a in kinds["markdown"] if a.key == "ptq-summary")
     assert first["version"] in summary and "| calibrate |" in summary and "camera BEV" in summary
     table = next(a for a in kinds["table"] if a.key == "quantizer-status")
     assert "layer3-lateral0" in str(table.data)
+    # One short cell per amax: the scalar, or min / median / max of a per-channel one.
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert all(len(str(r["amax (min / median / max)"])) < 40 for r in rows)
+    assert first["recomputed"] == list(STAGES)
 
     again = ptq(params)
     assert _states(again["flow_run_id"]) == {s: "Cached" for s in STAGES}
+    assert again["recomputed"] == []
     assert again["version"] == first["version"] and again["path"] == first["path"]
     assert _files(Path(again["path"])) == _files(version_dir)
     assert sorted(p.name for p in version_dir.parent.iterdir() if p.is_dir()) == [first["version"]]
