@@ -97,7 +97,9 @@ class _ProgressArtifact:
     """A Prefect progress artifact, updated at most every few seconds (it is an API call)."""
 
     def __init__(self, total: int) -> None:
-        self.id = create_progress_artifact(0.0, description=f"calibration: 0 of {total} batches")
+        self.id = create_progress_artifact(
+            0.0, key="calibration-progress", description=f"calibration: 0 of {total} batches"
+        )
         self.last = 0.0
         self.bar = Bar(total, "calibration")  # a terminal bar as well, when stderr is one
 
