@@ -27,28 +27,35 @@ from bevfusion_ptq.pipeline import FidelityRef
 
 
 def compact_amax(row: dict[str, Any]) -> str:
-    """A per-tensor amax, or a per-channel one as min / median / max: one short cell either way
+    """A per-tensor amax, or a per-channel one as min/median/max: one short cell either way
     (a whole per-channel list made the table 85 000 px wide)."""
     if row.get("amax_max") is None:
         return "-"
     if row.get("axis") is None and not isinstance(row.get("amax"), list):
         return f"{row['amax']:.4g}"
-    return f"{row['amax_min']:.3g} / {row['amax_median']:.3g} / {row['amax_max']:.3g}"
+    return f"{row['amax_min']:.3g}/{row['amax_median']:.3g}/{row['amax_max']:.3g}"
+
+
+def _how(row: dict[str, Any]) -> str:
+    """Bits (when not 8), granularity and amax method in one cell; "off" for a disabled one."""
+    if not row["enabled"]:
+        return "off"
+    bits = "" if row["num_bits"] == 8 else f"{row['num_bits']}b "
+    axis = "tensor" if row["axis"] is None else f"axis {row['axis']}"
+    return f"{bits}{axis} {row['method'] or row['calibrator']}"
+
+
+def _group(row: dict[str, Any]) -> str:
+    """The share group; a residual group named after its own block is just "residual"."""
+    group = row["share_group"] or ""
+    return "residual" if group.startswith("residual:") and row["name"].startswith(group[9:] + ".") else group
 
 
 def status_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The quantizer-status rows as short cells, readable at 1400 px."""
+    """The quantizer-status rows as four short cells, so every column shows at 1400 px (the
+    full descriptors are in the version's quantizers.json)."""
     return [
-        {
-            "quantizer": r["name"],
-            "group": r["share_group"] or "",
-            "on": "yes" if r["enabled"] else "no",
-            "bits": r["num_bits"],
-            "axis": "tensor" if r["axis"] is None else r["axis"],
-            "calibrator": r["calibrator"],
-            "method": r["method"],
-            "amax (min / median / max)": compact_amax(r),
-        }
+        {"quantizer": r["name"], "shared": _group(r), "quantization": _how(r), "amax (min/median/max)": compact_amax(r)}
         for r in rows
     ]
 
