@@ -73,7 +73,10 @@ def _in_process(root: Path, calib_batches: int) -> dict[str, float]:
 
 
 def _cli(root: Path, calib_batches: int, *extra: str) -> float:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    # As a user without a Prefect set-up runs it; a slow machine may lengthen the temporary
+    # server's start-up allowance (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_") or k == "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
     env.update(BEVFUSION_PTQ_HOME=str(root / "cli" / "state"), PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "flows.cli", "-q", "run", "--calib-batches", str(calib_batches),
            "--fidelity-batches", "1", "--device", "cpu", "--output", str(root / "cli" / "out"), *extra]
