@@ -91,9 +91,9 @@ def _cli(root: Path, calib_batches: int, *extra: str) -> float:
 
 def _processes(root: Path, calib_batches: int, repeats: int) -> dict[str, float]:
     figures = {"cli_cold_s": _cli(root, calib_batches)}
-    figures["cli_warm_full_flow_s"] = statistics.median(
-        _cli(root, calib_batches, "--full-flow") for _ in range(repeats))
-    figures["cli_warm_s"] = statistics.median(_cli(root, calib_batches) for _ in range(repeats))
+    figures["cli_warm_full_flow_s"] = round(statistics.median(
+        _cli(root, calib_batches, "--full-flow") for _ in range(repeats)), 2)
+    figures["cli_warm_s"] = round(statistics.median(_cli(root, calib_batches) for _ in range(repeats)), 2)
     figures["cli_warm_full_flow_share_of_cold_pct"] = round(
         100 * figures["cli_warm_full_flow_s"] / figures["cli_cold_s"], 1)
     figures["cli_warm_share_of_cold_pct"] = round(100 * figures["cli_warm_s"] / figures["cli_cold_s"], 1)
