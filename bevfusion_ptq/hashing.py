@@ -7,16 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-_CHUNK = 1 << 20
-
-
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, streamed so multi-GB checkpoints don't need the memory."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def canonical_json(obj: Any) -> str:

@@ -3,11 +3,51 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from bevfusion_ptq.quant.rules import DEFAULT_EXCLUDE
+from bevfusion_ptq.quant.defaults import DEFAULT_EXCLUDE
+
+# The UI form's field titles (pydantic's own would read "Sse Kms Key Id").
+_TITLES = {
+    "config": "Model config",
+    "checkpoint": "Checkpoint",
+    "data_root": "nuScenes data root",
+    "calib_batches": "Calibration batches",
+    "calib_sampling": "Calibration sampling",
+    "calib_pipeline": "Calibration pipeline",
+    "calib_method": "Calibration method",
+    "percentile": "Percentile",
+    "exclude": "Excluded modules",
+    "fidelity_batches": "Fidelity batches",
+    "calib_checkpoint_every": "Save calibration state every N batches",
+    "output": "Output (directory or s3:// URL)",
+    "sse": "S3 server-side encryption",
+    "sse_kms_key_id": "SSE KMS key id",
+    "device": "Device",
+    "seed": "Seed",
+    "export": "Deployment ONNX sets",
+}
+
+
+def _form_schema(schema: dict[str, Any]) -> None:
+    """Optional fields as their plain type in the JSON schema (as pydantic 1 wrote them).
+
+    Pydantic 2 writes ``str | None`` as ``anyOf [string, null]``, which Prefect's run form
+    shows as a "str / None" switch with a "Property is type None" input. Here an optional
+    field is its plain type, and unset means absent: the form leaves an empty field out, and
+    :meth:`PTQParams._omit_unset_optionals` leaves None out of every dump (the flow's default
+    in the form included), so the model's default (None) applies when it is read back.
+    """
+    for prop in schema.get("properties", {}).values():
+        variants = prop.get("anyOf", [])
+        kept = [v for v in variants if v.get("type") != "null"]
+        if len(variants) == 2 and len(kept) == 1:
+            del prop["anyOf"]
+            prop.update(kept[0])
+            if prop.get("default", "") is None:
+                del prop["default"]
 
 
 #: Default calibration size on the generated demo tree: enough to exercise every stage quickly.
@@ -20,13 +60,15 @@ MIN_REAL_CALIB_BATCHES = 100
 
 
 class PTQParams(BaseModel):
-    """Everything that decides what a PTQ run produces (plus where it goes).
+    """What a PTQ run quantizes, how it calibrates, and where the version is published."""
 
-    Field names are the CLI options with ``_`` for ``-`` (``calib_batches`` is
-    ``--calib-batches``); descriptions are the help texts and the UI form's labels.
-    """
-
-    model_config = ConfigDict(extra="forbid")
+    # Field names are the CLI options with ``_`` for ``-`` (``calib_batches`` is
+    # ``--calib-batches``); titles and descriptions are the UI form's labels and the help
+    # texts. (A comment, not the docstring: the docstring is shown in the UI form.)
+    model_config = ConfigDict(
+        extra="forbid", title="PTQ parameters", json_schema_extra=_form_schema,
+        field_title_generator=lambda name, _info: _TITLES.get(name, name.replace("_", " ").capitalize()),
+    )
 
     config: str = Field(
         "bevfusion-tiny",
@@ -105,6 +147,32 @@ class PTQParams(BaseModel):
         if self.calib_batches is not None:
             return self.calib_batches
         return DEMO_CALIB_BATCHES if self.data_root is None else REAL_CALIB_BATCHES
+
+    @field_validator("output")
+    @classmethod
+    def _known_output(cls, value: str) -> str:
+        """Refuse ``ftp://x`` or a bad bucket name now, not after calibration."""
+        from bevfusion_ptq.errors import ConfigError
+        from bevfusion_ptq.s3.url import parse_url
+
+        try:
+            parse_url(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _encryption_needs_s3(self) -> PTQParams:
+        if (self.sse or self.sse_kms_key_id) and not self.publishes_to_s3:
+            raise ValueError(f"--sse and --sse-kms-key-id apply to s3:// outputs only, not to {self.output!r}")
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise ValueError("--sse-kms-key-id needs --sse aws:kms")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_optionals(self, handler: Any) -> dict[str, Any]:
+        """Dumps leave out optional fields that are None (see :func:`_form_schema`)."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     @property
     def model_name(self) -> str:

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel
-from torch import nn
 
+from bevfusion_ptq.atomic import atomic_path
 from bevfusion_ptq.diskspace import disk_errors
 from bevfusion_ptq.errors import PTQError
 from bevfusion_ptq.hashing import file_sha256
-from bevfusion_ptq.stable_save import save_stable
+
+if TYPE_CHECKING:  # torch is imported where models are saved or loaded, not for state_dir()
+    from torch import nn
 
 
 def state_dir() -> Path:
@@ -53,16 +54,12 @@ def stage_output(stage: str, key: str) -> Path:
 
 def save_model(model: nn.Module, stage: str, key: str, made_from: dict[str, Any], root: Path | None = None) -> StageRef:
     """Pickle ``model`` (CPU copy) to ``<root>/work/<stage>/<key>/model.pt``, atomically."""
+    from bevfusion_ptq.stable_save import save_stable  # imports torch: only where models are saved
+
     folder = stage_dir(stage, key, root)
     target = folder / "model.pt"
-    tmp = folder / f".model.pt.{os.getpid()}"
-    try:
-        with disk_errors(target, f"save the {stage} work file"):
-            folder.mkdir(parents=True, exist_ok=True)
-            save_stable(model, tmp)  # same model, same bytes (see stable_save)
-            tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with disk_errors(target, f"save the {stage} work file"), atomic_path(target) as partial:
+        save_stable(model, partial)  # same model, same bytes (see stable_save)
     ref = StageRef(stage=stage, key=key, path=str(target), sha256=file_sha256(target), made_from=made_from)
     (folder / "stage.json").write_text(ref.model_dump_json(indent=2) + "\n")  # for people and tests
     return ref
@@ -73,6 +70,8 @@ def load_model(ref: StageRef) -> nn.Module:
 
     The file is our own work file, so full unpickling is safe here (unlike user checkpoints).
     """
+    import torch
+
     path = Path(ref.path)
     if not path.is_file():
         raise PTQError(f"work file of stage {ref.stage} is missing: {path}; run again with --refresh-cache")

@@ -3,11 +3,16 @@
 ``run`` options are generated from :class:`~bevfusion_ptq.params.PTQParams`, so the CLI, the
 Prefect UI form and deployment defaults cannot drift apart. Failures caused by the inputs
 print one line and exit with the error's own code.
+
+Start-up matters (``--help``, a mistyped option, a re-run with nothing to do): this module
+imports only the parameter model and the errors; torch, the model zoo, boto3 and Prefect are
+imported inside the commands that use them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -15,21 +20,56 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
-from bevfusion_ptq.errors import ConfigError, PTQError
+from bevfusion_ptq import __version__
+from bevfusion_ptq.errors import ConfigError, FetchError, PTQError
 from bevfusion_ptq.params import PTQParams
-from bevfusion_ptq.workdir import state_dir
 
 log = logging.getLogger("bevfusion_ptq.cli")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, plus each option's default wherever there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" in text or "default:" in text or not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _default_text(field: Any) -> str:
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return ""
+    shown = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return f" (default: {shown})"
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``-v``/``-q`` on the main parser and on every subcommand, so they work anywhere.
+
+    On subcommands the default is SUPPRESS: an absent flag there must not reset one given
+    before the subcommand.
+    """
+    unset = {} if top else {"default": argparse.SUPPRESS}
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging", **unset)
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only", **unset)
 
 
 def _add_param_options(parser: argparse.ArgumentParser) -> None:
     """One option per PTQParams field; unset options keep the model's defaults."""
     for name, field in PTQParams.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        kwargs: dict = {"dest": name, "default": None, "help": field.description}
+        help_text = (field.description or "").replace("%", "%%") + _default_text(field)
+        kwargs: dict = {"dest": name, "default": None, "help": help_text}
         annotation = field.annotation
         optional = [a for a in typing.get_args(annotation) if a is not type(None)]
         if type(None) in typing.get_args(annotation) and len(optional) == 1:
@@ -40,18 +80,34 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(annotation) is list:
             kwargs["action"] = "append"
             kwargs["metavar"] = "PATTERN"
+            kwargs["help"] = (f"{field.description}; adds to the defaults unless --no-default-exclude"
+                              f"{_default_text(field)}")
         elif annotation in (int, float):
             kwargs["type"] = annotation
         parser.add_argument(flag, **kwargs)
+    parser.add_argument("--no-default-exclude", action="store_true",
+                        help="drop the default exclusions (then only the --exclude patterns apply)")
+
+
+def exclusions(given: list[str] | None, no_default: bool) -> list[str]:
+    """``--exclude`` adds to the reference's exclusions; ``--no-default-exclude`` drops them."""
+    from bevfusion_ptq.quant.defaults import DEFAULT_EXCLUDE
+
+    base = [] if no_default else list(DEFAULT_EXCLUDE)
+    return base + [p for p in (given or []) if p not in base]
 
 
 def params_from_args(ns: argparse.Namespace) -> PTQParams:
     given = {k: getattr(ns, k) for k in PTQParams.model_fields if getattr(ns, k, None) is not None}
+    if given.get("exclude") is not None or getattr(ns, "no_default_exclude", False):
+        given["exclude"] = exclusions(given.get("exclude"), getattr(ns, "no_default_exclude", False))
     try:
         return PTQParams(**given)
     except ValidationError as exc:
         problems = "; ".join(
-            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+            (f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
         )
         raise ConfigError(f"invalid parameters: {problems}") from None
 
@@ -66,6 +122,8 @@ def use_local_prefect() -> None:
     """
     if os.environ.get("PREFECT_API_URL"):
         return
+    from bevfusion_ptq.workdir import state_dir
+
     home = state_dir() / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(home))
@@ -76,7 +134,13 @@ def use_local_prefect() -> None:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    from bevfusion_ptq.preflight import check_inputs
+    from bevfusion_ptq.rerun import find_published, remember
+
     params = params_from_args(ns)
+    check_inputs(params)  # one line for a bad input, before Prefect, torch or any data is touched
+    if not (ns.refresh_cache or ns.full_flow) and (done := find_published(params)) is not None:
+        return _report_rerun(params, done, as_json=ns.json)
     use_local_prefect()
     # The library's own log lines (calibration progress with rate and ETA, resumes) go to the
     # console and to the Prefect run's logs like the tasks' lines.
@@ -86,8 +150,38 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from flows.ptq import ptq  # imports Prefect, after its environment is set
 
     result = ptq(params)
-    verb = "already published at" if result["reused"] else "written to"
-    print(f"artifacts {verb} {Path(result['path']).resolve()} (version {result['version']})")
+    remember(params, result)
+    if ns.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(run_summary(result))
+    return 0
+
+
+def run_summary(result: dict) -> str:
+    """The last line of a run: what was published where, and whether anything was computed."""
+    where, version = result["url"], result["version"]
+    recomputed = result.get("recomputed")
+    s3 = str(where).startswith("s3://")
+    if recomputed == [] and (result["reused"] or not s3):
+        return f"already published at {where}, nothing recomputed (version {version})"
+    done = f"published to {where}" if s3 else f"written to {where}"
+    if result["reused"] and s3:
+        done = f"already published at {where}"
+    stages = f"; recomputed: {', '.join(recomputed)}" if recomputed else ""
+    return f"{done} (version {version}{stages})"
+
+
+def _report_rerun(params: PTQParams, done: dict, *, as_json: bool) -> int:
+    """A re-run whose version is already published: record it, say so, compute nothing."""
+    from flows.rerun import record_rerun
+
+    flow_run_id = record_rerun(params, done)
+    result = {**done, "reused": True, "recomputed": [], "flow_run_id": flow_run_id}
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(run_summary(result))
     return 0
 
 
@@ -107,23 +201,27 @@ def cmd_inspect_checkpoint(ns: argparse.Namespace) -> int:
     from bevfusion_ptq.model.config import load_config
 
     summary = inspect_checkpoint(Path(ns.path), load_config(ns.config), trust_pickle=ns.trust_pickle)
+    if ns.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
     for key, value in summary.items():
         print(f"{key}: {value}")
     return 0
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    import json
-
     from bevfusion_ptq.model.builder import build_model
     from bevfusion_ptq.model.config import load_config
     from bevfusion_ptq.quant.insert import insert_quantizers
     from bevfusion_ptq.quant.plan import plan_quantizers
     from bevfusion_ptq.quant.rules import bevfusion_rules
 
-    exclude = tuple(ns.exclude) if ns.exclude is not None else None
+    from bevfusion_ptq.quant.insert import warn_unmatched_exclusions
+
+    exclude = tuple(exclusions(ns.exclude, ns.no_default_exclude))
     model = build_model(load_config(ns.config))
     rows = plan_quantizers(model, insert_quantizers(model, bevfusion_rules(exclude)))
+    warn_unmatched_exclusions(model, exclude)
     if ns.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0
@@ -140,8 +238,10 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 def cmd_make_dataset(ns: argparse.Namespace) -> int:
     from bevfusion_ptq.data import make_dataset
 
-    root = make_dataset(Path(ns.dir), scenes=ns.scenes, frames=ns.frames, seed=ns.seed)
-    print(f"wrote a nuScenes-format tree to {root}")
+    made = make_dataset(Path(ns.dir), scenes=ns.scenes, frames=ns.frames, seed=ns.seed)
+    print(f"wrote a nuScenes-format tree to {made.root} in {made.seconds:.1f} s: {made.num_train} training and "
+          f"{made.num_val} validation keyframes ({ns.scenes} scenes x {ns.frames}, seed {ns.seed}); "
+          f"calibrate on it with: bevfusion-ptq run --data-root {made.root}")
     return 0
 
 
@@ -167,6 +267,9 @@ def cmd_fetch(ns: argparse.Namespace) -> int:
     from bevfusion_ptq.s3 import fetch_version
 
     path = fetch_version(ns.url, ns.version, ns.to, client=_s3_client(ns))
+    if ns.json:
+        print(json.dumps({"path": str(path), "version": path.name, "url": ns.url}, indent=2))
+        return 0
     print(f"fetched and verified {path}")
     return 0
 
@@ -196,11 +299,11 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 def cmd_list(ns: argparse.Namespace) -> int:
-    import json
-
     from bevfusion_ptq.s3 import list_versions
 
     rows = list_versions(ns.url, client=_s3_client(ns))
+    if not rows:  # the same answer, and exit code, as fetch gives for the same URL
+        raise FetchError(f"nothing published at {ns.url} (the URL must name <prefix>/<model>)")
     if ns.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -210,8 +313,6 @@ def cmd_list(ns: argparse.Namespace) -> int:
             continue
         mark = "*" if r["latest"] else " "
         print(f"{mark} {r['version']:<18} {r['created_at']}  {r['size'] / 1e6:8.1f} MB  {r['summary']}")
-    if not rows:
-        print(f"no versions under {ns.url}")
     return 0
 
 
@@ -238,20 +339,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bevfusion-ptq",
         description="Post-training INT8 quantization of BEVFusion, as a Prefect flow.",
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def add_command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        cmd = add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+        _add_verbosity(cmd, top=False)
+        return cmd
+
+    sub.add_parser = add_command  # type: ignore[method-assign]
 
     run = sub.add_parser("run", help="run the PTQ flow (embedded defaults: tiny model, generated data)")
     _add_param_options(run)
     run.add_argument("--refresh-cache", action="store_true",
                      help="recompute every stage even when a cached result exists (e.g. after cleaning work files)")
+    run.add_argument("--full-flow", action="store_true",
+                     help="run the Prefect flow even when this version is already published (every stage then "
+                          "comes from the cache); without it such a re-run only checks the published copy")
+    run.add_argument("--json", action="store_true", help="print the run's result as JSON")
     run.set_defaults(func=cmd_run)
 
     mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the reference layout")
     mk.add_argument("path")
     mk.add_argument("--config", required=True, help="config name or path")
-    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     mk.set_defaults(func=cmd_make_checkpoint)
 
     insp = sub.add_parser("inspect-checkpoint", help="load a checkpoint strictly on the CPU and summarise it")
@@ -261,20 +376,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-pickle", action="store_true",
         help="UNSAFE: allow full unpickling (arbitrary code) for trusted files that weights_only cannot read",
     )
+    insp.add_argument("--json", action="store_true", help="machine-readable summary")
     insp.set_defaults(func=cmd_inspect_checkpoint)
 
     pl = sub.add_parser("plan", help="list every quantizer the rules create (no calibration)")
     pl.add_argument("--config", default="bevfusion-r50", help="config name or path")
     pl.add_argument("--exclude", action="append", metavar="PATTERN",
-                    help="module path patterns to disable (repeatable; default: the reference's two)")
+                    help="module path pattern to disable, in addition to the defaults (repeatable)")
+    pl.add_argument("--no-default-exclude", action="store_true",
+                    help="drop the default exclusions (encoders.lidar.backbone.conv_input.0, "
+                         "decoder.neck.deblocks.0.0)")
     pl.add_argument("--json", action="store_true", help="machine-readable list")
     pl.set_defaults(func=cmd_plan)
 
     ds = sub.add_parser("make-dataset", help="write a small generated tree in the nuScenes layout")
     ds.add_argument("dir")
-    ds.add_argument("--scenes", type=int, default=2)
-    ds.add_argument("--frames", type=int, default=10)
-    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--scenes", type=int, default=2, help="scenes (the last one is kept for val)")
+    ds.add_argument("--frames", type=int, default=10, help="keyframes per scene")
+    ds.add_argument("--seed", type=int, default=0, help="seed of the generated content")
     ds.set_defaults(func=cmd_make_dataset)
 
     endpoint = argparse.ArgumentParser(add_help=False)
@@ -290,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fe = sub.add_parser("fetch", parents=[endpoint], help="download a version and verify it against its manifest")
     fe.add_argument("url", metavar="URL", help="s3://bucket/prefix/<model> or a local <root>/<model>")
-    fe.add_argument("--version", default="latest", help="latest (default) or a version id")
+    fe.add_argument("--version", default="latest", help="latest or a version id")
     fe.add_argument("--to", required=True, metavar="DIR", help="the version lands in DIR/<version>/")
+    fe.add_argument("--json", action="store_true", help="print where the version landed as JSON")
     fe.set_defaults(func=cmd_fetch)
 
     ex = sub.add_parser("export", parents=[endpoint],
@@ -333,11 +453,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    level = logging.DEBUG if ns.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Importing pytorch-quantization put absl's handler on the root logger at WARNING, which
-    # makes basicConfig a no-op: our own loggers get their level explicitly.
-    logging.getLogger("bevfusion_ptq").setLevel(level)
+    from bevfusion_ptq.logsetup import configure_logging
+
+    configure_logging(verbose=ns.verbose, quiet=ns.quiet)
     func: Callable[[argparse.Namespace], int] = ns.func
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

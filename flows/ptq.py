@@ -9,6 +9,7 @@ from prefect.runtime import flow_run
 
 from bevfusion_ptq.params import PTQParams
 from tasks import stages
+from tasks.preflight import check_inputs
 from tasks.publish import publish
 from tasks.report import report
 
@@ -24,6 +25,7 @@ if logging.getLogger("bevfusion_ptq").level == logging.NOTSET:
 @flow(name="bevfusion-ptq", log_prints=False)
 def ptq(params: PTQParams = PTQParams()) -> dict:
     """Quantize a BEVFusion checkpoint to INT8 (fake-quant) and publish a versioned artifact."""
+    check_inputs(params)  # a missing file or an unwritable bucket fails now, not after calibration
     run = stages.StageRunner()
     ckpt = run(stages.prepare_checkpoint, params=params)
     stages.check_disk(params, ckpt)  # read-only or full output/state: fail now, not after calibrating
@@ -48,4 +50,5 @@ def ptq(params: PTQParams = PTQParams()) -> dict:
         "fidelity": fidelity.summary,
         "flow_run_id": flow_run.get_id(),
         "timings": run.timings,
+        "recomputed": run.recomputed,
     }

@@ -42,6 +42,7 @@ from bevfusion_ptq import pipeline
 from bevfusion_ptq.artifacts import SavedVersion
 from bevfusion_ptq.errors import PTQError
 from bevfusion_ptq.params import PTQParams
+from bevfusion_ptq.progress import Bar
 from bevfusion_ptq.workdir import state_dir
 from tasks.locks import LeasedLockManager
 from tasks.retries import retry_unless_input_error
@@ -102,10 +103,14 @@ class _ProgressArtifact:
     """A Prefect progress artifact, updated at most every few seconds (it is an API call)."""
 
     def __init__(self, total: int) -> None:
-        self.id = create_progress_artifact(0.0, description=f"calibration: 0 of {total} batches")
+        self.id = create_progress_artifact(
+            0.0, key="calibration-progress", description=f"calibration: 0 of {total} batches"
+        )
         self.last = 0.0
+        self.bar = Bar(total, "calibration")  # a terminal bar as well, when stderr is one
 
     def __call__(self, seen: int, total: int) -> None:
+        self.bar(seen, total)
         now = time.monotonic()
         if seen == total or now - self.last >= 3.0:
             update_progress_artifact(self.id, 100.0 * seen / total, description=f"calibration: {seen} of {total} batches")
@@ -184,6 +189,7 @@ class StageRunner:
         self.keys = str(home / "keys")  # cache records; must not share a folder with the results
         self.locks = LeasedLockManager(home / "locks")  # a killed holder's lock is broken
         self.timings: dict[str, float] = {}
+        self.states: dict[str, str] = {}  # task name -> final state name ("Cached", "Completed")
 
     def __call__(self, stage_task: Task, **inputs: Any) -> Any:
         stage = _STAGE_NAMES[stage_task]
@@ -195,9 +201,16 @@ class StageRunner:
             options["refresh_cache"] = True
         started = time.perf_counter()
         try:
-            return stage_task.with_options(**options)(**inputs)
+            state = stage_task.with_options(**options)(**inputs, return_state=True)
+            self.states[stage_task.name] = state.name
+            return state.result()
         finally:
             self.timings[stage_task.name] = round(time.perf_counter() - started, 3)
+
+    @property
+    def recomputed(self) -> list[str]:
+        """The stages that ran rather than came from the cache."""
+        return [name for name, state in self.states.items() if state != "Cached"]
 
     def _stale(self, stage: str, policy: CacheKeyFnPolicy, inputs: dict[str, Any]) -> bool:
         """A cache record exists but the files it points to are gone.

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from bevfusion_ptq.params import PTQParams
+from bevfusion_ptq.quant.defaults import DEFAULT_EXCLUDE
 
 
 def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -75,8 +76,8 @@ def test_run_options_are_the_parameter_model():
     )
     params = params_from_args(ns)
     assert params == PTQParams(
-        calib_batches=3, calib_method="percentile", percentile=99.9, exclude=["a.b", "c.*"], device="cpu",
-        calib_sampling="shuffle",
+        calib_batches=3, calib_method="percentile", percentile=99.9, exclude=[*DEFAULT_EXCLUDE, "a.b", "c.*"],
+        device="cpu", calib_sampling="shuffle",
     )
     assert set(PTQParams.model_fields) <= set(vars(ns))
 
@@ -117,7 +118,16 @@ def test_plan_json_lists_every_quantizer_with_all_its_names(capsys):
 def test_plan_table_and_custom_exclusions(capsys):
     from flows.cli import main
 
-    assert main(["plan", "--config", "bevfusion-tiny", "--exclude", "fuser"]) == 0
+    assert main(["plan", "--config", "bevfusion-tiny", "--exclude", "fuser", "--no-default-exclude"]) == 0
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == "120 quantizers, 118 enabled, 2 disabled by exclusions"
     assert "OFF 8b tensor     histogram fuser.0._input_quantizer" in out
+
+
+def test_plan_adds_exclusions_and_names_the_closest_modules_for_a_typo(capsys, caplog):
+    from flows.cli import main
+
+    assert main(["plan", "--config", "bevfusion-tiny", "--exclude", "fuser.O"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "120 quantizers, 116 enabled, 4 disabled by exclusions"
+    [warning] = [r.getMessage() for r in caplog.records if "matches no quantized module" in r.getMessage()]
+    assert "'fuser.O'" in warning and "closest quantized modules: fuser.0" in warning

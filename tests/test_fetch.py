@@ -119,6 +119,9 @@ def test_cli_publish_list_fetch(s3, tmp_path, capsys, monkeypatch):
 
     assert main(["fetch", s3.url("cli", "tiny-test"), "--to", str(tmp_path / "got")]) == 0
     assert f"fetched and verified {tmp_path / 'got' / 'v1'}" in capsys.readouterr().out
+    assert main(["fetch", s3.url("cli", "tiny-test"), "--to", str(tmp_path / "got"), "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "path": str(tmp_path / "got" / "v1"), "version": "v1", "url": s3.url("cli", "tiny-test")}
 
     # The explicit endpoint option works without AWS_ENDPOINT_URL_S3.
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")

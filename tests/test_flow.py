@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,15 +145,23 @@ def test_first_run_writes_artifacts_then_identical_run_is_all_cached(prefect_api
     kinds = {}
     for a in asyncio.run(artifacts()):
         kinds.setdefault(a.type, []).append(a)
-    assert {"table", "markdown", "progress", "image"} <= kinds.keys()
+    assert {"table", "markdown", "progress"} <= kinds.keys() and "image" not in kinds
+    assert all(a.key for a in kinds["table"] + kinds["markdown"])
+    plots = next(a.data for a in kinds["markdown"] if a.key == "activation-histograms")
+    assert plots.count("](data:image/png;base64,") == len(list((version_dir / "plots").glob("*.png"))) > 0
     assert [a.data for a in kinds["progress"]] == [100.0]
     summary = next(a.data for a in kinds["markdown"] if a.key == "ptq-summary")
     assert first["version"] in summary and "| calibrate |" in summary and "camera BEV" in summary
     table = next(a for a in kinds["table"] if a.key == "quantizer-status")
     assert "layer3-lateral0" in str(table.data)
+    # One short cell per amax: the scalar, or min / median / max of a per-channel one.
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert all(len(str(r["amax"])) < 40 for r in rows)
+    assert first["recomputed"] == list(STAGES)
 
     again = ptq(params)
     assert _states(again["flow_run_id"]) == {s: "Cached" for s in STAGES}
+    assert again["recomputed"] == []
     assert again["version"] == first["version"] and again["path"] == first["path"]
     assert _files(Path(again["path"])) == _files(version_dir)
     assert sorted(p.name for p in version_dir.parent.iterdir() if p.is_dir()) == [first["version"]]
@@ -256,14 +265,28 @@ def test_cli_run_with_embedded_defaults(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "artifacts written to" in proc.stdout
     versions = [p for p in (tmp_path / "artifacts" / "bevfusion-tiny").iterdir() if p.is_dir()]
     assert len(versions) == 1
+    assert proc.stdout.strip().startswith(f"written to {versions[0]} (version {versions[0].name}; recomputed: ")
     _check_version_dir(versions[0])
     # Progress lines of the library reach the console, with rate and ETA.
     assert "calibration batch 2/2" in proc.stderr and "ETA" in proc.stderr
+    # One logging configuration: no glog-style lines, no per-quantizer chatter.
+    for noise in ("Logging before flag parsing", "Disable MaxCalibrator", "Enable MaxCalibrator", "Overwriting amax"):
+        assert noise not in proc.stderr
     # Prefect state stayed under our state directory, not in ~/.prefect.
     assert (tmp_path / "state" / "prefect").is_dir()
+
+    # The same run again through the flow: every stage cached, and the last line says so.
+    again = subprocess.run(proc.args + ["--full-flow"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.strip() == f"already published at {versions[0]}, nothing recomputed (version {versions[0].name})"
+    # And without --full-flow: answered from the published version, without the flow.
+    fast = subprocess.run(proc.args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert fast.returncode == 0 and fast.stdout == again.stdout, fast.stderr[-4000:]
+    assert "Finished in state" not in fast.stderr and "Finished in state Completed" in again.stderr
+    # Every line, Prefect's server included, in one format: none glog-style ("I1202 05:34:09.16 ...]").
+    assert not re.search(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ ", proc.stderr + again.stderr, re.M)
 
 
 def test_cli_bad_parameter_fails_with_one_line(tmp_path):

@@ -90,8 +90,15 @@ def test_run_with_s3_output_survives_an_outage(prefect_api, s3, tmp_path, monkey
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    # Down before the run: found by the input checks, before any work.
     assert main(run) == TransientStorageError.exit_code
     outbox = state_dir() / "outbox" / "bevfusion-tiny"
+    assert not outbox.exists() and "cannot write to " + url in capsys.readouterr().err
+    # Down only by the time the version is published (the write probe got through).
+    import bevfusion_ptq.preflight
+
+    monkeypatch.setattr(bevfusion_ptq.preflight, "probe_s3_write", lambda *a, **k: None)
+    assert main(run) == TransientStorageError.exit_code
     (version_dir,) = [p for p in outbox.iterdir() if not p.name.startswith(".")]
     load_local_version(version_dir)  # every file still matches its manifest
     said = capsys.readouterr()

@@ -8,25 +8,34 @@ by the set-up when missing (these machines run as root; apt reaches Debian's mir
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bevfusion_ptq.params import PTQParams
 from tests.data_helpers import generated_tree
-from tests.prefect_server import Server, client_settings, prefect_server, tail, wait_for_run
+from tests.prefect_server import Server, client_settings, free_port, prefect_server, tail, wait_for_run
 
 pytestmark = pytest.mark.slow
 
 BEVFUSION_PTQ = str(Path(sys.executable).parent / "bevfusion-ptq")
 NOTES_SHOT = Path("/work/notes/ui-screenshot.png")
+# The checked-in screenshots; BEVFUSION_PTQ_UPDATE_SHOTS=1 makes the tests refresh them.
+SHOTS = Path(__file__).resolve().parents[1] / "deployments"
+UPDATE_SHOTS = os.environ.get("BEVFUSION_PTQ_UPDATE_SHOTS") == "1"
 # The env notes' flags: without the background-networking ones Chromium keeps dialling out
 # into a closed network.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -97,7 +106,9 @@ def test_serve_registers_the_files_deployments_without_a_pool(served):
         assert automation.trigger.expect == {"bevfusion.checkpoint.created"}
 
 
-def test_served_run_completes_with_no_worker(served):
+@pytest.fixture(scope="module")
+def served_run(served):
+    """One deployment run, completed by the served process (no worker), and what it was sent."""
     server, data_root = served
     out = server.root / "out"
     sent = {"params": PTQParams(data_root=str(data_root), calib_batches=1, calib_method="max",
@@ -106,9 +117,108 @@ def test_served_run_completes_with_no_worker(served):
         dep = client.read_deployment_by_name("bevfusion-ptq/ptq-on-demand")
         run = wait_for_run(client, client.create_flow_run_from_deployment(dep.id, parameters=sent).id,
                            logs=[server.root / "serve.log"])
+    return run, sent, out
+
+
+def test_served_run_completes_with_no_worker(served, served_run):
+    server, _ = served
+    run, sent, out = served_run
     assert run.state.type.value == "COMPLETED", tail(server.root / "serve.log")
     assert run.parameters == sent
     assert list((out / "bevfusion-tiny").glob("*/manifest.json"))
+
+
+def _page_eval(chromium: str, url: str, profile: Path, expression: str, done: Callable[[Any], bool],
+               shot: Path | None = None, timeout: float = 90) -> Any:
+    """Open ``url`` in headless Chromium and evaluate ``expression`` until ``done(value)``.
+
+    Over the DevTools protocol (Prefect's own ``websockets`` is the client): properties such
+    as an image's naturalWidth exist only in the live page, not in a DOM dump.
+    """
+    from websockets.sync.client import connect
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
+         "--remote-allow-origins=*", "--window-size=1400,1800", "--hide-scrollbars", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2).read())
+                ws_url = next(p["webSocketDebuggerUrl"] for p in pages if p["type"] == "page")
+                break
+            except (OSError, StopIteration):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        with connect(ws_url, max_size=None) as ws:
+            calls = iter(range(1, 1_000_000))
+
+            def call(method: str, **params: Any) -> dict:
+                ident = next(calls)
+                ws.send(json.dumps({"id": ident, "method": method, "params": params}))
+                while True:
+                    reply = json.loads(ws.recv(timeout=30))
+                    if reply.get("id") == ident:
+                        return reply.get("result", {})
+
+            call("Page.navigate", url=url)
+            value = None
+            while time.monotonic() < deadline:
+                value = call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+                if done(value):
+                    break
+                time.sleep(1)
+            if shot is not None:
+                shot.write_bytes(base64.b64decode(call("Page.captureScreenshot", format="png")["data"]))
+            return value
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _artifact_id(run_id: Any, key: str) -> str:
+    with _client() as client:
+        [artifact] = [a for a in client.read_artifacts() if a.flow_run_id == run_id and a.key == key]
+    return str(artifact.id)
+
+
+def test_ui_renders_the_histograms_and_a_table_that_fits(served, served_run, chromium, tmp_path):
+    server, _ = served
+    run, _, out = served_run
+    [version] = (out / "bevfusion-tiny").glob("*/manifest.json")
+    plots = len(list((version.parent / "plots").glob("*.png")))
+    assert plots > 0
+    with _client() as client:
+        keys = [a.key for a in client.read_artifacts() if a.flow_run_id == run.id]
+    assert {"quantizer-status", "ptq-summary", "activation-histograms"} <= set(keys) and None not in keys
+
+    widths = _page_eval(
+        chromium, f"{server.url}/artifacts/artifact/{_artifact_id(run.id, 'activation-histograms')}",
+        tmp_path / "profile-plots", "Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))"
+        ".map(i => i.complete ? i.naturalWidth : 0)",
+        lambda v: bool(v) and len(v) == plots and all(w > 0 for w in v), shot=tmp_path / "plots.png",
+    )
+    assert widths and len(widths) == plots and all(w > 0 for w in widths), widths
+
+    table = _page_eval(
+        chromium, f"{server.url}/artifacts/artifact/{_artifact_id(run.id, 'quantizer-status')}",
+        tmp_path / "profile-table", "(() => { const t = document.querySelector('table'); "
+        "const h = t && Array.from(t.rows[0].cells).find(c => c.textContent.trim() === 'amax'); "
+        "return t ? {rows: t.rows.length, width: t.scrollWidth, shown: t.parentElement.clientWidth, "
+        "amax_right: h ? h.getBoundingClientRect().right - t.getBoundingClientRect().left : null} : null; })()",
+        lambda v: bool(v) and v["rows"] > 10, shot=tmp_path / "table.png",
+    )
+    # The whole table fits a 1400 px screen (it was 85 000 px wide), and in the ~840 px the
+    # UI gives it there, the quantizer names and their amax show without scrolling.
+    assert table and table["rows"] > 10 and table["width"] <= 1400, table
+    assert table["amax_right"] is not None and table["amax_right"] <= table["shown"], table
+    if UPDATE_SHOTS:
+        shutil.copyfile(tmp_path / "plots.png", SHOTS / "ui-histograms-artifact.png")
+        shutil.copyfile(tmp_path / "table.png", SHOTS / "ui-quantizer-status-artifact.png")
 
 
 def _browse(chromium: str, url: str, profile: Path, *extra: str) -> str:
@@ -146,5 +256,7 @@ def test_ui_shows_the_on_demand_deployment_and_its_run_form(served, chromium, tm
     shot = tmp_path / "ui-ptq-on-demand-run.png"
     _browse(chromium, form, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1400,1800", "--hide-scrollbars")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    if UPDATE_SHOTS:
+        shutil.copyfile(shot, SHOTS / "ui-ptq-on-demand-run.png")
     if NOTES_SHOT.parent.is_dir():  # the session's notes folder, where the lead looks
         shutil.copyfile(shot, NOTES_SHOT)

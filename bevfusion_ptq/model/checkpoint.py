@@ -16,7 +16,6 @@ turns that patch into a no-op: this module is the only place that converts.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from mmengine.config import Config
 from torch import Tensor, nn
 
+from ..atomic import atomic_path
 from ..errors import CheckpointError
 from ..stable_save import save_stable
 from .builder import build_model
@@ -453,12 +453,10 @@ def make_checkpoint(path: str | Path, cfg: Config | str, seed: int = 0) -> dict[
             "sparse_layout": SPCONV1,
         },
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    # Given a path, torch.save names the zip's folder after this temporary name (PID
-    # included), which would change the file's sha256, the run's keys and its version.
-    save_stable(checkpoint, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as partial:
+        # Given a path, torch.save names the zip's folder after that (temporary, PID-bearing)
+        # name, which would change the file's sha256, the run's keys and its version.
+        save_stable(checkpoint, partial)
     summary = {
         "path": str(path),
         "num_keys": len(state),

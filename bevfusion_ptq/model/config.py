@@ -11,35 +11,14 @@ from pathlib import Path
 
 from mmengine.config import Config
 
+from ..config_files import CONFIG_DIR, CONFIG_NAMES, config_path
 from ..errors import ConfigError
+
+__all__ = ["CONFIG_DIR", "CONFIG_NAMES", "REQUIRED_SECTIONS", "config_path", "load_config"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-#: accepted name -> shipped file stem
-CONFIG_NAMES: dict[str, str] = {
-    "bevfusion-r50": "bevfusion_r50",
-    "bevfusion_r50": "bevfusion_r50",
-    "bevfusion-tiny": "bevfusion_tiny",
-    "bevfusion_tiny": "bevfusion_tiny",
-}
-
 REQUIRED_SECTIONS = ("model", "data")
-
-
-def config_path(name_or_path: str | Path) -> Path:
-    """The file behind a shipped name or a user path; :class:`ConfigError` if neither."""
-    text = str(name_or_path)
-    if text in CONFIG_NAMES:
-        return CONFIG_DIR / f"{CONFIG_NAMES[text]}.py"
-    path = Path(text).expanduser()
-    if path.suffix == ".py" and path.is_file():
-        return path
-    valid = ", ".join(sorted({n for n in CONFIG_NAMES if "-" in n}))
-    if path.suffix == ".py":
-        raise ConfigError(f"config file {path} does not exist (shipped configs: {valid})")
-    raise ConfigError(f"unknown config {text!r}: use one of {valid}, or a path to a .py config file")
 
 
 def load_config(name_or_path: str | Path) -> Config:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 
+from bevfusion_ptq.atomic import write_text
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline.inputs import open_calibration_set, resolve_device
 from bevfusion_ptq.pipeline.keys import stage_key
 from bevfusion_ptq.pipeline.refs import DatasetRef, FidelityRef, StageRef
+from bevfusion_ptq.progress import track
 from bevfusion_ptq.quant.fidelity import fidelity_report
 from bevfusion_ptq.workdir import load_model, stage_dir
 
@@ -32,11 +34,8 @@ def fidelity_stage(params: PTQParams, ref: StageRef, data: DatasetRef) -> Fideli
         log.warning("fidelity report on %d batches: the calibration set has only %d", batches, len(calib))
     device = resolve_device(params.device)
     model = load_model(ref).to(device).eval()
-    report = fidelity_report(model, calib.loader(pin_memory=device.type == "cuda"), num_batches=batches)
-    folder = stage_dir("fidelity", key)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / REPORT_FILE
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    tmp.replace(path)
+    loader = track(calib.loader(pin_memory=device.type == "cuda"), batches, "fidelity")
+    report = fidelity_report(model, loader, num_batches=batches)
+    path = stage_dir("fidelity", key) / REPORT_FILE
+    write_text(path, json.dumps(report.as_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
     return FidelityRef(key=key, path=str(path), summary=report.summary(), markdown=report.markdown())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +109,8 @@ def prepare_checkpoint(params: PTQParams) -> CheckpointRef:
     cfg, _ = config_identity(params)
     path = random_checkpoint_path(params)
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
         log.info("writing a random-weight checkpoint to %s", path)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")  # never leave a truncated file
-        make_checkpoint(partial, cfg, seed=params.seed)
-        partial.replace(path)
+        make_checkpoint(path, cfg, seed=params.seed)  # written atomically: never a truncated file
     return CheckpointRef(path=str(path), sha256=file_sha256(path), generated=True, source="random")
 
 

@@ -7,7 +7,7 @@ from bevfusion_ptq.pipeline.inputs import config_identity
 from bevfusion_ptq.pipeline.keys import stage_key
 from bevfusion_ptq.pipeline.refs import CheckpointRef, StageRef
 from bevfusion_ptq.quant.fuse import fuse_bn
-from bevfusion_ptq.quant.insert import insert_quantizers
+from bevfusion_ptq.quant.insert import insert_quantizers, warn_unmatched_exclusions
 from bevfusion_ptq.quant.rules import bevfusion_rules
 from bevfusion_ptq.workdir import load_model, save_model
 
@@ -34,6 +34,7 @@ def insert_quantizers_stage(params: PTQParams, ref: StageRef) -> StageRef:
     """Apply the rule set (quantizers are created, not yet calibrated; exclusions come later)."""
     model = load_model(ref)
     plan = insert_quantizers(model, bevfusion_rules(tuple(params.exclude)))
+    warn_unmatched_exclusions(model, tuple(params.exclude))  # a typo shows now, not after calibration
     made_from = {"model": ref.key, "rules": plan.rule_set, "quantized_modules": len(plan.modules)}
     return save_model(model, "insert_quantizers", insert_quantizers_key(params, ref), made_from)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import logging
 from dataclasses import asdict, dataclass
@@ -141,5 +142,31 @@ def apply_exclusions(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
                 disabled.append(path)
                 hit = True
         if not hit:
-            log.warning("exclusion %r matches no quantized module", pattern)
+            log.warning("exclusion %r matches no quantized module%s", pattern, _closest(model, pattern))
     return disabled
+
+
+def _quantized_paths(model: nn.Module) -> list[str]:
+    """Paths of the modules that own a quantizer (what an exclusion pattern is matched with)."""
+    return sorted({
+        path.rpartition(".")[0] for path, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, TensorQuantizer)
+    })
+
+
+def _closest(model: nn.Module, pattern: str) -> str:
+    close = difflib.get_close_matches(pattern, _quantized_paths(model), n=3, cutoff=0.5)
+    return f"; closest quantized modules: {', '.join(close)}" if close else ""
+
+
+def warn_unmatched_exclusions(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Log each pattern that matches no quantized module, with the closest module paths.
+
+    Called right after the quantizers are inserted, so a typo in ``--exclude`` shows before
+    calibration rather than after it. Returns the unmatched patterns.
+    """
+    paths = _quantized_paths(model)
+    unmatched = [p for p in patterns if not any(matches(path, (p,)) for path in paths)]
+    for pattern in unmatched:
+        log.warning("exclusion %r matches no quantized module%s", pattern, _closest(model, pattern))
+    return unmatched

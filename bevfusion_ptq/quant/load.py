@@ -92,3 +92,16 @@ def load_quantized(
     _apply_table(model, _read_quantizers(quantizers), str(quantizers) if not isinstance(quantizers, list) else "quantizer table")
     log.info("rebuilt the quantized model from its state dict and quantizer table")
     return model.to(device).eval()
+
+
+def load_version(version_dir: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The calibrated model of a saved or fetched version directory, from its own files.
+
+    The model is built from the version's ``config.json`` (the resolved config it was made
+    with), not from the config name or path it records: a custom ``.py`` config may be
+    gone, or edited since, wherever the version is reloaded.
+    """
+    folder = Path(version_dir)
+    return load_quantized(
+        folder / "config.json", folder / "state_dict.pth", folder / "quantizers.json", device=device
+    )

@@ -26,6 +26,7 @@ from torch import nn
 from bevfusion_ptq.model.camera import Concat
 from bevfusion_ptq.quant import blocks as qb
 from bevfusion_ptq.quant import modules as qm
+from bevfusion_ptq.quant.defaults import DEFAULT_EXCLUDE
 
 Calibrator = Literal["histogram", "max"]
 
@@ -164,11 +165,4 @@ BEVFUSION_SHARE: tuple[ShareGroup, ...] = (
 KEEP_FLOAT: tuple[str, ...] = (
     "encoders.camera.vtransform.downsample",
     "heads",
-)
-
-# The reference disables these after calibration: the raw voxel features entering the lidar
-# backbone, and the 1x1 conv of the first decoder deblock.
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "encoders.lidar.backbone.conv_input.0",
-    "decoder.neck.deblocks.0.0",
 )
