@@ -71,3 +71,11 @@ class VerificationError(PTQError):
     download): the bytes are not the ones the manifest vouches for."""
 
     exit_code = 14
+
+
+class GateFailedError(PTQError):
+    """The INT8 model fell outside the gate's thresholds (mAP or NDS drop against FP32, or the
+    fidelity cosine). The version is kept locally, unpublished, with ``evaluation.json``
+    saying which threshold failed and by how much; ``latest`` did not move."""
+
+    exit_code = 17

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bevfusion_ptq.quant.rules import DEFAULT_EXCLUDE
 
@@ -62,8 +62,35 @@ class PTQParams(BaseModel):
         None, description="S3 server-side encryption for published objects (s3:// outputs only)"
     )
     sse_kms_key_id: str | None = Field(None, description="KMS key id for --sse aws:kms (default: the bucket's key)")
+    eval_samples: int | None = Field(
+        None, ge=0,
+        description="keyframes of the validation split on which FP32 and INT8 nuScenes mAP/NDS are measured; "
+        "default: the whole split of a generated tree, 500 spread over the scenes of --data-root; 0: no evaluation",
+    )
+    eval_version: str | None = Field(
+        None, description="nuScenes table version under the data root (v1.0-trainval, v1.0-mini); default: the one found there"
+    )
+    eval_split: Literal["val", "mini_val"] | None = Field(
+        None, description="devkit split to evaluate on; default: val for *trainval, mini_val for *mini"
+    )
+    max_map_drop: float | None = Field(
+        0.5, ge=0, description="gate: largest INT8 mAP drop against FP32 allowed, in points; none: no mAP check"
+    )
+    max_nds_drop: float | None = Field(
+        0.5, ge=0, description="gate: largest INT8 NDS drop against FP32 allowed, in points; none: no NDS check"
+    )
+    min_fidelity_cosine: float | None = Field(
+        None, ge=-1, le=1,
+        description="gate: lowest INT8-vs-FP32 cosine allowed at any stage boundary of the fidelity report; none: no check",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="calibration device; auto picks cuda when available")
     seed: int = Field(0, ge=0, description="seed for generated data, random checkpoints and sampling")
+
+    @field_validator("eval_samples", "max_map_drop", "max_nds_drop", "min_fidelity_cosine", mode="before")
+    @classmethod
+    def _none_word(cls, value: object) -> object:
+        """``none`` (as typed on the command line) means no value: default or check off."""
+        return None if isinstance(value, str) and value.strip().lower() in ("none", "null") else value
 
     @property
     def model_name(self) -> str:

@@ -40,8 +40,18 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = "append"
             kwargs["metavar"] = "PATTERN"
         elif annotation in (int, float):
-            kwargs["type"] = annotation
+            kwargs["type"] = _number_or_none(annotation) if type(None) in typing.get_args(field.annotation) else annotation
         parser.add_argument(flag, **kwargs)
+
+
+def _number_or_none(kind: type) -> Callable[[str], object]:
+    """An option of an optional number also takes ``none`` (PTQParams reads it as no value)."""
+
+    def parse(text: str) -> object:
+        return "none" if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def params_from_args(ns: argparse.Namespace) -> PTQParams:
@@ -82,6 +92,12 @@ def cmd_run(ns: argparse.Namespace) -> int:
     result = ptq(params)
     verb = "already published at" if result["reused"] else "written to"
     print(f"artifacts {verb} {Path(result['path']).resolve()} (version {result['version']})")
+    evaluation = result.get("evaluation") or {}
+    for mode in ("fp32", "int8") if evaluation else ():
+        print(f"{mode.upper()}: mAP {100 * evaluation[mode]['mean_ap']:.2f}  NDS {100 * evaluation[mode]['nd_score']:.2f}"
+              f"  (nuScenes {evaluation['split']}, {evaluation['samples']} keyframes)")
+    if result.get("gate"):
+        print(f"gate {result['gate']['status']}: {result['gate']['reason']}")
     return 0
 
 

@@ -42,6 +42,7 @@ from prefect.tasks import exponential_backoff
 from bevfusion_ptq import pipeline
 from bevfusion_ptq.artifacts import SavedVersion
 from bevfusion_ptq.errors import PTQError
+from bevfusion_ptq.evaluation.gate import GateVerdict
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.workdir import state_dir
 from tasks.retries import retry_unless_input_error
@@ -128,6 +129,28 @@ def fidelity(params: PTQParams, ref: pipeline.StageRef, data: pipeline.DatasetRe
     return pipeline.fidelity_stage(params, ref, data)
 
 
+class _EvaluationProgress:
+    """The evaluation's progress artifact (both passes of a keyframe count as one)."""
+
+    def __init__(self) -> None:
+        self.id = create_progress_artifact(0.0, description="evaluation (FP32 + INT8): starting")
+        self.last = 0.0
+
+    def __call__(self, seen: int, total: int) -> None:
+        now = time.monotonic()
+        if seen == total or now - self.last >= 3.0:
+            update_progress_artifact(
+                self.id, 100.0 * seen / total, description=f"evaluation (FP32 + INT8): {seen} of {total} keyframes"
+            )
+            self.last = now
+
+
+@_stage("evaluate", pipeline.evaluate_key, 6 * 3600, tags=["gpu"], retries=1, retry_delay_seconds=30)
+def evaluate(params: PTQParams, ref: pipeline.StageRef, data: pipeline.DatasetRef) -> pipeline.EvaluationRef:
+    progress = _EvaluationProgress() if params.eval_samples != 0 else None
+    return pipeline.evaluate_stage(params, ref, data, progress=progress)
+
+
 @_stage("save-artifacts", pipeline.save_artifacts_key, 1800)
 def save_artifacts(
     params: PTQParams,
@@ -136,8 +159,10 @@ def save_artifacts(
     data: pipeline.DatasetRef,
     fidelity: pipeline.FidelityRef,
     flow_run_id: str | None = None,
+    evaluation: pipeline.EvaluationRef | None = None,
+    verdict: GateVerdict | None = None,
 ) -> SavedVersion:
-    return pipeline.save_artifacts_stage(params, calibrated, ckpt, data, fidelity, flow_run_id)
+    return pipeline.save_artifacts_stage(params, calibrated, ckpt, data, fidelity, flow_run_id, evaluation, verdict)
 
 
 _STAGE_NAMES = {
@@ -148,6 +173,7 @@ _STAGE_NAMES = {
     fuse_bn: "fuse_bn",
     calibrate: "calibrate",
     fidelity: "fidelity",
+    evaluate: "evaluate",
     save_artifacts: "save_artifacts",
 }
 

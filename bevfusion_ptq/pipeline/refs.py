@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from bevfusion_ptq.workdir import StageRef
 
-__all__ = ["CheckpointRef", "DatasetRef", "FidelityRef", "StageRef"]
+__all__ = ["CheckpointRef", "DatasetRef", "EvaluationRef", "FidelityRef", "StageRef"]
 
 
 class CheckpointRef(BaseModel):
@@ -35,3 +35,16 @@ class FidelityRef(BaseModel):
     path: str | None  # None when the report was switched off (fidelity_batches 0)
     summary: dict[str, Any]
     markdown: str
+
+
+class EvaluationRef(BaseModel):
+    """The evaluation on disk (``evaluation.json``, results files, plots) and its headline numbers.
+
+    ``summary`` holds ``samples``, ``version``, ``split`` and per precision (``fp32``,
+    ``int8``) the devkit's ``mean_ap``, ``nd_score``, ``tp_errors`` and ``mean_dist_aps``;
+    it is empty when the evaluation was switched off (``eval_samples`` 0, ``path`` None).
+    """
+
+    key: str
+    path: str | None
+    summary: dict[str, Any]
