@@ -58,7 +58,8 @@ def no_retry_delay(monkeypatch):
 
 
 def _params(tmp: Path, **overrides) -> PTQParams:
-    return PTQParams(**{"output": str(tmp / "out"), "calib_batches": 4, "fidelity_batches": 1, "device": "cpu", **overrides})
+    return PTQParams(**{"output": str(tmp / "out"), "calib_batches": 4, "fidelity_batches": 1, "device": "cpu",
+                        "eval_samples": 2, **overrides})
 
 
 def _task_runs(flow_run_id: str) -> dict[str, object]:
@@ -247,11 +248,12 @@ def test_cli_run_with_embedded_defaults(tmp_path):
     env["BEVFUSION_PTQ_HOME"] = str(tmp_path / "state")
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--output", str(tmp_path / "artifacts"), "--calib-batches", "2",
-         "--fidelity-batches", "1"],
+         "--fidelity-batches", "1", "--eval-samples", "2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "artifacts written to" in proc.stdout
+    assert "FP32: mAP" in proc.stdout and "INT8: mAP" in proc.stdout and "gate passed" in proc.stdout
     versions = [p for p in (tmp_path / "artifacts" / "bevfusion-tiny").iterdir() if p.is_dir()]
     assert len(versions) == 1
     _check_version_dir(versions[0])

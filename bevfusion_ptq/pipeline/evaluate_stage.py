@@ -132,7 +132,7 @@ def evaluate_stage(
         files[mode] = {"name": path.name, "sha256": file_sha256(path)}
         result = evaluate_detections(nusc, path, split, tokens, folder / mode, split_tokens=split_tokens)
         metrics[mode] = json_safe(result.summary)
-        counts[mode] = {"gt_boxes": result.gt_boxes, "pred_boxes": result.pred_boxes}
+        counts[mode] = {"gt_boxes": result.gt_boxes, "pred_boxes": result.pred_boxes, "gt_per_class": result.gt_per_class}
         plots[mode] = [Path(p).relative_to(folder).as_posix() for p in result.plots]
         seconds[f"metrics_{mode}"] = round(result.seconds, 3)
     seconds["total"] = round(time.perf_counter() - started, 3)
