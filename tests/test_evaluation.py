@@ -23,7 +23,9 @@ from bevfusion_ptq.data.infos import NUSCENES_CLASSES
 from bevfusion_ptq.data.nuscenes_tables import GENERATED_VERSION, TABLE_NAMES
 from bevfusion_ptq.errors import DatasetError
 from bevfusion_ptq.evaluation import boxes_from_internal, results_document, sample_results
-from bevfusion_ptq.evaluation.database import check_tables, open_nuscenes, resolve_version, split_for, split_sample_tokens
+from bevfusion_ptq.evaluation.database import (
+    check_tables, open_nuscenes, resolve_version, split_for, split_sample_tokens,
+)
 from bevfusion_ptq.evaluation.metrics import evaluate_detections
 from bevfusion_ptq.evaluation.results import attribute_name
 
@@ -99,7 +101,6 @@ def test_devkit_loads_the_generated_tables(tree, nusc, val_records):
     # points, and the counts agree with the generator's own hit counts within a few points.
     info = read_info_file(tree / "nuscenes_infos_val.pkl")
     entry = info.entries[0]
-    hits = dict(zip((str(n) for n in entry["gt_names"]), entry["num_lidar_pts"]))  # noqa: F841 - names repeat
     anns = [nusc.get("sample_annotation", a) for a in nusc.get("sample", entry["token"])["anns"]]
     assert sum(a["num_lidar_pts"] for a in anns) >= int(np.sum(entry["num_lidar_pts"]))
     assert sum(a["num_lidar_pts"] > 0 for a in anns) == int(np.sum(np.asarray(entry["num_lidar_pts"]) > 0))

@@ -142,7 +142,7 @@ def test_first_run_writes_artifacts_then_identical_run_is_all_cached(prefect_api
     for a in asyncio.run(artifacts()):
         kinds.setdefault(a.type, []).append(a)
     assert {"table", "markdown", "progress", "image"} <= kinds.keys()
-    assert [a.data for a in kinds["progress"]] == [100.0]
+    assert [a.data for a in kinds["progress"]] == [100.0, 100.0]  # calibration, evaluation
     summary = next(a.data for a in kinds["markdown"] if a.key == "ptq-summary")
     assert first["version"] in summary and "| calibrate |" in summary and "camera BEV" in summary
     table = next(a for a in kinds["table"] if a.key == "quantizer-status")

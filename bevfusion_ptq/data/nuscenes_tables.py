@@ -202,7 +202,9 @@ class _Tables:
 
     def _sensor_data(self, root: Path, scene: GeneratedScene, infos: list[Mapping[str, Any]]) -> None:
         first = infos[0]
-        lidar_cs = self._calibration(scene, LIDAR_NAME, first["lidar2ego_rotation"], first["lidar2ego_translation"], None)
+        lidar_cs = self._calibration(
+            scene, LIDAR_NAME, first["lidar2ego_rotation"], first["lidar2ego_translation"], None
+        )
         chains: dict[str, dict[str, dict]] = {ch: {} for ch in (LIDAR_NAME, *CAMERA_NAMES)}
 
         def add(channel: str, tok: str, sample: str, ts: int, path: str, key: bool, ego_rot, ego_trans,

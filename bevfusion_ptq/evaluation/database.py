@@ -36,7 +36,9 @@ def resolve_version(dataroot: str | Path, version: str | None) -> str:
     root = Path(dataroot)
     if version:
         return version
-    found = sorted(p.name for p in root.glob("v1.0-*") if (p / "sample.json").is_file() and not p.name.endswith("test"))
+    found = sorted(
+        p.name for p in root.glob("v1.0-*") if (p / "sample.json").is_file() and not p.name.endswith("test")
+    )
     for name in _PREFERRED:
         if name in found:
             return name
@@ -60,7 +62,9 @@ def split_for(version: str, split: str | None) -> str:
         )
     expected = SPLIT_OF_VERSION[kind]
     if split is not None and split != expected:
-        raise DatasetError(f"split {split!r} does not belong to nuScenes version {version!r} (its split is {expected!r})")
+        raise DatasetError(
+            f"split {split!r} does not belong to nuScenes version {version!r} (its split is {expected!r})"
+        )
     return expected
 
 

@@ -43,7 +43,9 @@ _CURVE_DPI = 80
 
 
 def _detection_eval_class() -> type:
-    from nuscenes.eval.common.loaders import add_center_dist, filter_eval_boxes, load_gt_of_sample_tokens, load_prediction
+    from nuscenes.eval.common.loaders import (
+        add_center_dist, filter_eval_boxes, load_gt_of_sample_tokens, load_prediction,
+    )
     from nuscenes.eval.detection.data_classes import DetectionBox
     from nuscenes.eval.detection.evaluate import DetectionEval
 

@@ -101,7 +101,9 @@ def evaluate_stage(
     if count < wanted:
         log.warning("evaluating %d keyframes: %s has only %d", count, info_path, available)
     cfg, _ = config_identity(params)
-    eval_set = build_calibration_set(root, info_path, cfg.data, count, sampling="spread", pipeline="test", seed=params.seed)
+    eval_set = build_calibration_set(
+        root, info_path, cfg.data, count, sampling="spread", pipeline="test", seed=params.seed
+    )
     class_names = tuple(cfg.get("class_names", None) or NUSCENES_CLASSES)
     tokens = eval_set.tokens
     log.info("evaluating on %d of %d %s keyframes of %s (%s)", count, len(split_tokens), split, version, root)
@@ -132,7 +134,9 @@ def evaluate_stage(
         files[mode] = {"name": path.name, "sha256": file_sha256(path)}
         result = evaluate_detections(nusc, path, split, tokens, folder / mode, split_tokens=split_tokens)
         metrics[mode] = json_safe(result.summary)
-        counts[mode] = {"gt_boxes": result.gt_boxes, "pred_boxes": result.pred_boxes, "gt_per_class": result.gt_per_class}
+        counts[mode] = {
+            "gt_boxes": result.gt_boxes, "pred_boxes": result.pred_boxes, "gt_per_class": result.gt_per_class,
+        }
         plots[mode] = [Path(p).relative_to(folder).as_posix() for p in result.plots]
         seconds[f"metrics_{mode}"] = round(result.seconds, 3)
     seconds["total"] = round(time.perf_counter() - started, 3)
@@ -170,4 +174,5 @@ def evaluate_stage(
 
 def evaluation_present(params: PTQParams, ref: StageRef, data: DatasetRef) -> bool:
     """A cached evaluation is usable while its ``evaluation.json`` is on disk (or it was off)."""
-    return params.eval_samples == 0 or (stage_dir("evaluate", evaluate_key(params, ref, data)) / EVALUATION_FILE).is_file()
+    folder = stage_dir("evaluate", evaluate_key(params, ref, data))
+    return params.eval_samples == 0 or (folder / EVALUATION_FILE).is_file()
