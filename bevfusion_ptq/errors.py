@@ -84,3 +84,11 @@ class DiskError(PTQError):
     """The output or state directory is read-only, not writable, or has no room left."""
 
     exit_code = 16
+
+
+class GateFailedError(PTQError):
+    """The INT8 model fell outside the gate's thresholds (mAP or NDS drop against FP32, or the
+    fidelity cosine). The version is kept locally, unpublished, with ``evaluation.json``
+    saying which threshold failed and by how much; ``latest`` did not move."""
+
+    exit_code = 17

@@ -28,6 +28,12 @@ _TITLES = {
     "device": "Device",
     "seed": "Seed",
     "export": "Deployment ONNX sets",
+    "eval_samples": "Evaluation keyframes",
+    "eval_version": "nuScenes table version",
+    "eval_split": "Evaluation split",
+    "max_map_drop": "Gate: largest mAP drop (points)",
+    "max_nds_drop": "Gate: largest NDS drop (points)",
+    "min_fidelity_cosine": "Gate: lowest fidelity cosine",
 }
 
 
@@ -43,7 +49,9 @@ def _form_schema(schema: dict[str, Any]) -> None:
     for prop in schema.get("properties", {}).values():
         variants = prop.get("anyOf", [])
         kept = [v for v in variants if v.get("type") != "null"]
-        if len(variants) == 2 and len(kept) == 1:
+        # A field whose default is a value (a gate threshold) keeps its null: there "none"
+        # is a choice (the check off), not "unset".
+        if len(variants) == 2 and len(kept) == 1 and prop.get("default") is None:
             del prop["anyOf"]
             prop.update(kept[0])
             if prop.get("default", "") is None:
@@ -121,6 +129,27 @@ class PTQParams(BaseModel):
         None, description="S3 server-side encryption for published objects (s3:// outputs only)"
     )
     sse_kms_key_id: str | None = Field(None, description="KMS key id for --sse aws:kms (default: the bucket's key)")
+    eval_samples: int | None = Field(
+        None, ge=0,
+        description="keyframes of the validation split on which FP32 and INT8 nuScenes mAP/NDS are measured; "
+        "default: the whole split of a generated tree, 500 spread over the scenes of --data-root; 0: no evaluation",
+    )
+    eval_version: str | None = Field(
+        None, description="nuScenes table version under the data root (v1.0-trainval, v1.0-mini); default: the one found there"
+    )
+    eval_split: Literal["val", "mini_val"] | None = Field(
+        None, description="devkit split to evaluate on; default: val for *trainval, mini_val for *mini"
+    )
+    max_map_drop: float | None = Field(
+        0.5, ge=0, description="gate: largest INT8 mAP drop against FP32 allowed, in points; none: no mAP check"
+    )
+    max_nds_drop: float | None = Field(
+        0.5, ge=0, description="gate: largest INT8 NDS drop against FP32 allowed, in points; none: no NDS check"
+    )
+    min_fidelity_cosine: float | None = Field(
+        None, ge=-1, le=1,
+        description="gate: lowest INT8-vs-FP32 cosine allowed at any stage boundary of the fidelity report; none: no check",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="calibration device; auto picks cuda when available")
     seed: int = Field(0, ge=0, description="seed for generated data, random checkpoints and sampling")
     export: list[Literal["int8", "fp16"]] = Field(
@@ -171,8 +200,19 @@ class PTQParams(BaseModel):
 
     @model_serializer(mode="wrap")
     def _omit_unset_optionals(self, handler: Any) -> dict[str, Any]:
-        """Dumps leave out optional fields that are None (see :func:`_form_schema`)."""
-        return {k: v for k, v in handler(self).items() if v is not None}
+        """Dumps leave out optional fields that are None and default to None (see
+        :func:`_form_schema`); a None that switches off a check with another default stays."""
+        fields = type(self).model_fields
+        return {
+            k: v for k, v in handler(self).items()
+            if v is not None or (k in fields and fields[k].get_default(call_default_factory=True) is not None)
+        }
+
+    @field_validator("eval_samples", "max_map_drop", "max_nds_drop", "min_fidelity_cosine", mode="before")
+    @classmethod
+    def _none_word(cls, value: object) -> object:
+        """``none`` (as typed on the command line) means no value: default or check off."""
+        return None if isinstance(value, str) and value.strip().lower() in ("none", "null") else value
 
     @property
     def model_name(self) -> str:

@@ -83,7 +83,7 @@ def _add_param_options(parser: argparse.ArgumentParser) -> None:
             kwargs["help"] = (f"{field.description}; adds to the defaults unless --no-default-exclude"
                               f"{_default_text(field)}")
         elif annotation in (int, float):
-            kwargs["type"] = annotation
+            kwargs["type"] = _number_or_none(annotation) if type(None) in typing.get_args(field.annotation) else annotation
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--no-default-exclude", action="store_true",
                         help="drop the default exclusions (then only the --exclude patterns apply)")
@@ -95,6 +95,16 @@ def exclusions(given: list[str] | None, no_default: bool) -> list[str]:
 
     base = [] if no_default else list(DEFAULT_EXCLUDE)
     return base + [p for p in (given or []) if p not in base]
+
+
+def _number_or_none(kind: type) -> Callable[[str], object]:
+    """An option of an optional number also takes ``none`` (PTQParams reads it as no value)."""
+
+    def parse(text: str) -> object:
+        return "none" if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def params_from_args(ns: argparse.Namespace) -> PTQParams:
@@ -154,8 +164,22 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        print(run_summary(result))
+        print(evaluation_summary(result) + run_summary(result))
     return 0
+
+
+def evaluation_summary(result: dict) -> str:
+    """FP32 and INT8 mAP/NDS and the gate's verdict, a line each (empty without evaluation)."""
+    lines = []
+    evaluation = result.get("evaluation") or {}
+    for mode in ("fp32", "int8") if evaluation else ():
+        lines.append(
+            f"{mode.upper()}: mAP {100 * evaluation[mode]['mean_ap']:.2f}  NDS {100 * evaluation[mode]['nd_score']:.2f}"
+            f"  (nuScenes {evaluation['split']}, {evaluation['samples']} keyframes)"
+        )
+    if result.get("gate"):
+        lines.append(f"gate {result['gate']['status']}: {result['gate']['reason']}")
+    return "".join(line + "\n" for line in lines)
 
 
 def run_summary(result: dict) -> str:

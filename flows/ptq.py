@@ -7,9 +7,11 @@ import logging
 from prefect import flow
 from prefect.runtime import flow_run
 
+from bevfusion_ptq.errors import GateFailedError
 from bevfusion_ptq.params import PTQParams
 from tasks import stages
 from tasks.preflight import check_inputs
+from tasks.gate import gate
 from tasks.publish import publish
 from tasks.report import report
 
@@ -36,18 +38,30 @@ def ptq(params: PTQParams = PTQParams()) -> dict:
     calibrated = run(stages.calibrate, params=params, ref=model, data=data)
     fidelity = run(stages.fidelity, params=params, ref=calibrated, data=data)
     exported = run(stages.export, params=params, calibrated=calibrated, data=data)
+    evaluation = run(stages.evaluate, params=params, ref=calibrated, data=data)
+    verdict = gate(params, evaluation, fidelity)
     saved = run(
         stages.save_artifacts, params=params, calibrated=calibrated, ckpt=ckpt, data=data,
-        fidelity=fidelity, flow_run_id=flow_run.get_id(), exported=exported,
+        fidelity=fidelity, flow_run_id=flow_run.get_id(), evaluation=evaluation, verdict=verdict,
+        exported=exported,
     )
-    published = publish(str(saved.path), params.output, params.sse, params.sse_kms_key_id)
+    if verdict.failed:  # kept in the outbox, not published; latest stays where it was
+        published = {"url": None, "reused": False, "held": True}
+    else:
+        published = publish(str(saved.path), params.output, params.sse, params.sse_kms_key_id)
     report(params, saved, fidelity, run.timings, published)
+    if verdict.failed:
+        raise GateFailedError(
+            f"gate failed: {verdict.reason}; version {saved.manifest['version']} not published, kept at {saved.path}"
+        )
     return {
         "path": str(saved.path),
         "version": saved.manifest["version"],
         "reused": saved.reused or published["reused"],
         "url": published["url"],
         "fidelity": fidelity.summary,
+        "evaluation": evaluation.summary,
+        "gate": verdict.as_dict(),
         "flow_run_id": flow_run.get_id(),
         "timings": run.timings,
         "recomputed": run.recomputed,

@@ -75,7 +75,9 @@ def _summary_markdown(
     lines = [
         f"# {m['model']} version `{m['version']}`",
         "",
-        f"- published: `{published.get('url', saved.path)}`" + (" (already there)" if published.get("reused") else ""),
+        (f"- **not published**: the gate held it back ({m.get('gate', {}).get('reason')})" if published.get("held")
+         else f"- published: `{published.get('url', saved.path)}`" + (" (already there)" if published.get("reused") else "")),
+        f"- gate: {m.get('gate', {}).get('status', 'n/a')}" + (f" ({m['gate']['reason']})" if m.get("gate") else ""),
         f"- local copy: `{saved.path}`",
         f"- package {m.get('package_version')}, git commit `{m.get('git_commit') or 'n/a'}`, created {m['created_at']}",
         f"- checkpoint: `{inputs.get('checkpoint')}` (sha256 `{str(inputs.get('checkpoint_sha256'))[:16]}…`)",

@@ -41,6 +41,7 @@ from prefect.tasks import exponential_backoff
 from bevfusion_ptq import pipeline
 from bevfusion_ptq.artifacts import SavedVersion
 from bevfusion_ptq.errors import PTQError
+from bevfusion_ptq.evaluation.gate import GateVerdict
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.progress import Bar
 from bevfusion_ptq.workdir import state_dir
@@ -100,20 +101,22 @@ def fuse_bn(params: PTQParams, ref: pipeline.StageRef) -> pipeline.StageRef:
 
 
 class _ProgressArtifact:
-    """A Prefect progress artifact, updated at most every few seconds (it is an API call)."""
+    """A keyed Prefect progress artifact, updated at most every few seconds (it is an API
+    call), and a terminal bar when stderr is one; called as ``progress(seen, total)``."""
 
-    def __init__(self, total: int) -> None:
-        self.id = create_progress_artifact(
-            0.0, key="calibration-progress", description=f"calibration: 0 of {total} batches"
-        )
+    def __init__(self, what: str, unit: str, total: int = 0) -> None:
+        self.what, self.unit = what, unit
+        slug = what.split(" ")[0]
+        self.id = create_progress_artifact(0.0, key=f"{slug}-progress", description=f"{what}: 0 of {total} {unit}")
         self.last = 0.0
-        self.bar = Bar(total, "calibration")  # a terminal bar as well, when stderr is one
+        self.bar = Bar(total, slug, unit.rstrip("s"))
 
     def __call__(self, seen: int, total: int) -> None:
         self.bar(seen, total)
         now = time.monotonic()
         if seen == total or now - self.last >= 3.0:
-            update_progress_artifact(self.id, 100.0 * seen / total, description=f"calibration: {seen} of {total} batches")
+            description = f"{self.what}: {seen} of {total} {self.unit}"
+            update_progress_artifact(self.id, 100.0 * seen / total, description=description)
             self.last = now
 
 
@@ -128,7 +131,7 @@ def calibrate(params: PTQParams, ref: pipeline.StageRef, data: pipeline.DatasetR
         get_run_logger().info("attempt %d: resuming from the last saved calibration state", task_run.get_run_count())
     return pipeline.calibrate_stage(
         params, ref, data,
-        progress=_ProgressArtifact(len(data.tokens)),
+        progress=_ProgressArtifact("calibration", "batches", len(data.tokens)),
         fail_at_batch=int(fail_at) if fail_at and first_attempt else None,
         deadline=time.monotonic() + CALIBRATE_TIMEOUT_S - 120,
     )
@@ -144,6 +147,12 @@ def export(params: PTQParams, calibrated: pipeline.StageRef, data: pipeline.Data
     return pipeline.export_stage(params, calibrated, data)
 
 
+@_stage("evaluate", pipeline.evaluate_key, 6 * 3600, tags=["gpu"], retries=1, retry_delay_seconds=30)
+def evaluate(params: PTQParams, ref: pipeline.StageRef, data: pipeline.DatasetRef) -> pipeline.EvaluationRef:
+    progress = _ProgressArtifact("evaluation (FP32 + INT8)", "keyframes") if params.eval_samples != 0 else None
+    return pipeline.evaluate_stage(params, ref, data, progress=progress)
+
+
 @_stage("save-artifacts", pipeline.save_artifacts_key, 1800)
 def save_artifacts(
     params: PTQParams,
@@ -152,9 +161,13 @@ def save_artifacts(
     data: pipeline.DatasetRef,
     fidelity: pipeline.FidelityRef,
     flow_run_id: str | None = None,
+    evaluation: pipeline.EvaluationRef | None = None,
+    verdict: GateVerdict | None = None,
     exported: pipeline.ExportRef | None = None,
 ) -> SavedVersion:
-    return pipeline.save_artifacts_stage(params, calibrated, ckpt, data, fidelity, flow_run_id, exported)
+    return pipeline.save_artifacts_stage(
+        params, calibrated, ckpt, data, fidelity, flow_run_id, evaluation, verdict, exported
+    )
 
 
 _STAGE_NAMES = {
@@ -166,6 +179,7 @@ _STAGE_NAMES = {
     calibrate: "calibrate",
     fidelity: "fidelity",
     export: "export",
+    evaluate: "evaluate",
     save_artifacts: "save_artifacts",
 }
 

@@ -47,7 +47,8 @@ class Stack:
     def params(self, out: str, **kw) -> dict:
         """Non-default parameters, complete, as the UI's run form sends them."""
         p = PTQParams(config="bevfusion-tiny", checkpoint=str(self.checkpoint), data_root=str(self.data_root),
-                      calib_batches=2, calib_method="max", output=str(self.server.root / out), device="cpu", **kw)
+                      calib_batches=2, calib_method="max", output=str(self.server.root / out), device="cpu",
+                      **{"eval_samples": 1, **kw})
         return {"params": p.model_dump(mode="json")}
 
 

@@ -59,7 +59,8 @@ def no_retry_delay(monkeypatch):
 
 
 def _params(tmp: Path, **overrides) -> PTQParams:
-    return PTQParams(**{"output": str(tmp / "out"), "calib_batches": 4, "fidelity_batches": 1, "device": "cpu", **overrides})
+    return PTQParams(**{"output": str(tmp / "out"), "calib_batches": 4, "fidelity_batches": 1, "device": "cpu",
+                        "eval_samples": 2, **overrides})
 
 
 def _task_runs(flow_run_id: str) -> dict[str, object]:
@@ -149,7 +150,8 @@ def test_first_run_writes_artifacts_then_identical_run_is_all_cached(prefect_api
     assert all(a.key for a in kinds["table"] + kinds["markdown"])
     plots = next(a.data for a in kinds["markdown"] if a.key == "activation-histograms")
     assert plots.count("](data:image/png;base64,") == len(list((version_dir / "plots").glob("*.png"))) > 0
-    assert [a.data for a in kinds["progress"]] == [100.0]
+    assert sorted(a.key for a in kinds["progress"]) == ["calibration-progress", "evaluation-progress"]
+    assert [a.data for a in kinds["progress"]] == [100.0, 100.0]
     summary = next(a.data for a in kinds["markdown"] if a.key == "ptq-summary")
     assert first["version"] in summary and "| calibrate |" in summary and "camera BEV" in summary
     table = next(a for a in kinds["table"] if a.key == "quantizer-status")
@@ -261,13 +263,15 @@ def test_cli_run_with_embedded_defaults(tmp_path):
     env["BEVFUSION_PTQ_HOME"] = str(tmp_path / "state")
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--output", str(tmp_path / "artifacts"), "--calib-batches", "2",
-         "--fidelity-batches", "1"],
+         "--fidelity-batches", "1", "--eval-samples", "2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "FP32: mAP" in proc.stdout and "INT8: mAP" in proc.stdout and "gate passed" in proc.stdout
     versions = [p for p in (tmp_path / "artifacts" / "bevfusion-tiny").iterdir() if p.is_dir()]
     assert len(versions) == 1
-    assert proc.stdout.strip().startswith(f"written to {versions[0]} (version {versions[0].name}; recomputed: ")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"written to {versions[0]} (version {versions[0].name}; recomputed: ")
     _check_version_dir(versions[0])
     # Progress lines of the library reach the console, with rate and ETA.
     assert "calibration batch 2/2" in proc.stderr and "ETA" in proc.stderr

@@ -86,7 +86,7 @@ def test_run_with_s3_output_survives_an_outage(prefect_api, s3, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)  # the CLI then keeps the harness's API
     url = s3.url("runs")
-    run = ["run", "--output", url, "--calib-batches", "1", "--device", "cpu"]
+    run = ["run", "--output", url, "--calib-batches", "1", "--device", "cpu", "--eval-samples", "1"]
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

@@ -112,7 +112,7 @@ def served_run(served):
     server, data_root = served
     out = server.root / "out"
     sent = {"params": PTQParams(data_root=str(data_root), calib_batches=1, calib_method="max",
-                                output=str(out), device="cpu").model_dump(mode="json")}
+                                output=str(out), device="cpu", eval_samples=1).model_dump(mode="json")}
     with _client() as client:
         dep = client.read_deployment_by_name("bevfusion-ptq/ptq-on-demand")
         run = wait_for_run(client, client.create_flow_run_from_deployment(dep.id, parameters=sent).id,

@@ -19,6 +19,9 @@ same geometry the info files record:
   writes (see :mod:`bevfusion_ptq.data.infos`), plus ``scene_token`` per info and
   ``metadata["image_size"]``; paths are ``./data/nuscenes/...`` as the converter writes them,
   so loading them exercises the same path resolution a user's files need.
+- ``v1.0-trainval/*.json`` and ``maps/``: the nuScenes database tables, written from the
+  world's true object tracks (:mod:`bevfusion_ptq.data.nuscenes_tables`), so that
+  nuscenes-devkit's ``NuScenes`` and ``DetectionEval`` run on the tree unchanged.
 
 Everything derives from ``seed``; the same call writes the same bytes.
 """
@@ -45,6 +48,7 @@ from bevfusion_ptq.data.geometry import (
     transform_points,
 )
 from bevfusion_ptq.data.infos import NUSCENES_CLASSES
+from bevfusion_ptq.data.nuscenes_tables import GeneratedScene, write_nuscenes_tables
 from bevfusion_ptq.data.rig import CAMERA_NAMES, DEFAULT_CAMERAS, DEFAULT_LIDAR2EGO, LIDAR_NAME, NUSCENES_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -204,9 +208,11 @@ def make_dataset(
     painter = _Painter(image_size, rng, jpeg_quality)
     lidar = _Lidar(lidar_azimuths, float(DEFAULT_LIDAR2EGO[2, 3]))
     infos: list[list[dict]] = []
+    made: list[_Scene] = []
     for index in range(scenes):
         scene = _make_scene(index, frames, seed, rng)
         infos.append(_write_scene(root, scene, frames, sweeps_per_frame, painter, lidar, rng))
+        made.append(scene)
 
     train = [info for scene_infos in infos[: scenes - n_val] for info in scene_infos]
     val = [info for scene_infos in infos[scenes - n_val :] for info in scene_infos]
@@ -219,9 +225,25 @@ def make_dataset(
     for path, split in ((train_path, train), (val_path, val)):
         with open(path, "wb") as fh:
             pickle.dump({"infos": split, "metadata": metadata}, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    write_nuscenes_tables(
+        root, [_table_scene(scene, i >= scenes - n_val, scene_infos) for i, (scene, scene_infos) in enumerate(zip(made, infos))], seed
+    )
     seconds = time.perf_counter() - started
     log.info("generated %d train + %d val keyframes under %s in %.1f s", len(train), len(val), root, seconds)
     return GeneratedDataset(root, train_path, val_path, len(train), len(val), seconds)
+
+
+def _table_scene(scene: _Scene, val: bool, infos: list[dict]) -> GeneratedScene:
+    """What the nuScenes table writer needs of a scene: its infos and its true object tracks."""
+    return GeneratedScene(
+        token=scene.token,
+        split="val" if val else "train",
+        infos=infos,
+        object_tokens=[a.token for a in scene.actors],
+        object_names=[a.name for a in scene.actors],
+        boxes_at=lambda ts: scene.boxes((ts - scene.start_us) / 1e6),
+        lidar_tokens=[_token(scene.token, LIDAR_NAME, info["timestamp"]) for info in infos],
+    )
 
 
 def _token(*parts: object) -> str:

@@ -12,7 +12,10 @@ chain them directly::
     ref = calibrate_stage(params, ref, data)
     fid = fidelity_stage(params, ref, data)
     exp = export_stage(params, ref, data)
-    saved = save_artifacts_stage(params, ref, ckpt, data, fid, exported=exp)
+    ev = evaluate_stage(params, ref, data)
+    verdict = gate_stage(params, ev, fid)
+    saved = save_artifacts_stage(params, ref, ckpt, data, fid, exported=exp, evaluation=ev, verdict=verdict)
+    # publish_version(saved.path, params.output) only when not verdict.failed
 
 Every stage has a ``*_key`` function over the same arguments (:mod:`.keys`): the content
 hash that names its work directory and serves as its cache key.
@@ -20,7 +23,9 @@ hash that names its work directory and serves as its cache key.
 
 from bevfusion_ptq.pipeline.calibrate_stage import CalibrationInterrupted, InjectedFault, calibrate_key, calibrate_stage
 from bevfusion_ptq.pipeline.export_stage import export_key, export_stage
+from bevfusion_ptq.pipeline.evaluate_stage import evaluate_key, evaluate_stage
 from bevfusion_ptq.pipeline.fidelity_stage import fidelity_key, fidelity_stage
+from bevfusion_ptq.pipeline.gate_stage import gate_stage
 from bevfusion_ptq.pipeline.inputs import (
     config_identity,
     prepare_checkpoint,
@@ -38,12 +43,13 @@ from bevfusion_ptq.pipeline.model_stages import (
     load_model_stage,
 )
 from bevfusion_ptq.pipeline.outputs import output_present
-from bevfusion_ptq.pipeline.refs import CheckpointRef, DatasetRef, ExportRef, FidelityRef, StageRef
+from bevfusion_ptq.pipeline.refs import CheckpointRef, DatasetRef, EvaluationRef, ExportRef, FidelityRef, StageRef
 from bevfusion_ptq.pipeline.room import check_disk
 from bevfusion_ptq.pipeline.save_stage import local_root, save_artifacts_key, save_artifacts_stage, version_id
 
 __all__ = [
     "CalibrationInterrupted", "CheckpointRef", "DatasetRef", "FidelityRef", "InjectedFault", "StageRef",
+    "EvaluationRef", "evaluate_key", "evaluate_stage", "gate_stage",
     "calibrate_key", "calibrate_stage", "check_disk", "config_identity", "fidelity_key", "fidelity_stage", "fuse_bn_key",
     "fuse_bn_stage", "insert_quantizers_key", "insert_quantizers_stage", "load_model_key", "load_model_stage",
     "local_root", "output_present", "prepare_checkpoint", "prepare_checkpoint_key", "prepare_dataset",

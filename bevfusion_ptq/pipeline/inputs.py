@@ -124,6 +124,14 @@ def generated_root(params: PTQParams) -> Path:
     return state_dir() / "data" / f"generated-{scenes}x{GENERATED_FRAMES}-seed{params.seed}"
 
 
+def generated_tree_complete(root: Path) -> bool:
+    """A generated tree with its info files and nuScenes tables (trees generated before the
+    generator wrote tables are generated again: same seed, same bytes, plus the tables)."""
+    from bevfusion_ptq.data.nuscenes_tables import GENERATED_VERSION
+
+    return (root / "nuscenes_infos_train.pkl").is_file() and (root / GENERATED_VERSION / "map.json").is_file()
+
+
 def _dataset_identity(params: PTQParams) -> dict[str, Any]:
     from bevfusion_ptq.data.calibration_set import DEFAULT_INFO_NAME
 
@@ -168,7 +176,7 @@ def prepare_dataset(params: PTQParams) -> DatasetRef:
     generated = params.data_root is None
     if generated:
         root = generated_root(params)
-        if not (root / "nuscenes_infos_train.pkl").is_file():
+        if not generated_tree_complete(root):
             scenes = int(root.name.split("-")[1].split("x")[0])
             log.info("no --data-root given: generating a nuScenes-format tree at %s", root)
             make_dataset(root, scenes=scenes, frames=GENERATED_FRAMES, seed=params.seed)

@@ -32,6 +32,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "fuse_bn": (),
     "calibrate": ("calib_method", "percentile", "calib_batches", "exclude"),
     "fidelity": ("fidelity_batches",),
+    "evaluate": ("eval_samples", "eval_version", "eval_split", "seed"),
     "save_artifacts": ("output",),
     "export": ("export",),
 }

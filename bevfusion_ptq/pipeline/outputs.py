@@ -16,6 +16,7 @@ from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline import inputs as stage_inputs
 from bevfusion_ptq.pipeline.calibrate_stage import calibrate_key
 from bevfusion_ptq.pipeline.export_stage import export_present
+from bevfusion_ptq.pipeline.evaluate_stage import evaluation_present
 from bevfusion_ptq.pipeline.fidelity_stage import REPORT_FILE, fidelity_key
 from bevfusion_ptq.pipeline.model_stages import fuse_bn_key, insert_quantizers_key, load_model_key
 from bevfusion_ptq.pipeline.save_stage import saved_version_exists, version_dir
@@ -37,7 +38,7 @@ def _checkpoint_present(params: PTQParams) -> bool:
 def _dataset_present(params: PTQParams) -> bool:
     if params.data_root is not None:
         return True  # the user's data: a change is caught by the fingerprint check
-    return (stage_inputs.generated_root(params) / "nuscenes_infos_train.pkl").is_file()
+    return stage_inputs.generated_tree_complete(stage_inputs.generated_root(params))
 
 
 def _model_stage(stage: str, key_fn: Callable[..., str]) -> Callable[..., bool]:
@@ -54,6 +55,7 @@ _PRESENT: dict[str, Callable[..., bool]] = {
     "fidelity": lambda params, ref, data: params.fidelity_batches == 0
     or (stage_dir("fidelity", fidelity_key(params, ref, data)) / REPORT_FILE).is_file(),
     "export": lambda params, calibrated, data: export_present(params, calibrated, data),
+    "evaluate": evaluation_present,
     "save_artifacts": lambda **kw: saved_version_exists(version_dir(**{k: v for k, v in kw.items() if k != "flow_run_id"})),
 }
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from bevfusion_ptq.workdir import StageRef
 
-__all__ = ["CheckpointRef", "DatasetRef", "ExportRef", "FidelityRef", "StageRef"]
+__all__ = ["CheckpointRef", "DatasetRef", "EvaluationRef", "ExportRef", "FidelityRef", "StageRef"]
 
 
 class CheckpointRef(BaseModel):
@@ -43,3 +43,16 @@ class ExportRef(BaseModel):
     key: str
     path: str | None  # None when export was switched off (--export none)
     files: list[dict[str, Any]]  # per file: name, precision, relative path, size, nodes, Q/DQ counts
+
+
+class EvaluationRef(BaseModel):
+    """The evaluation on disk (``evaluation.json``, results files, plots) and its headline numbers.
+
+    ``summary`` holds ``samples``, ``version``, ``split`` and per precision (``fp32``,
+    ``int8``) the devkit's ``mean_ap``, ``nd_score``, ``tp_errors`` and ``mean_dist_aps``;
+    it is empty when the evaluation was switched off (``eval_samples`` 0, ``path`` None).
+    """
+
+    key: str
+    path: str | None
+    summary: dict[str, Any]
