@@ -54,7 +54,7 @@ def test_help_imports_nothing_heavy_and_shows_defaults(tmp_path, command):
     code, heavy, _ = _outcome(proc)
     assert (code, heavy) == (0, [])
     if command == ["run"]:
-        assert "(default: 8)" in proc.stdout and "(default: mse)" in proc.stdout
+        assert "(default: mse)" in proc.stdout and "Default: 300 with --data-root" in proc.stdout  # calib batches
         assert all(p in proc.stdout for p in DEFAULT_EXCLUDE)
     if command == ["make-dataset"]:
         assert "(default: 2)" in proc.stdout and "(default: 10)" in proc.stdout
