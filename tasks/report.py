@@ -18,7 +18,7 @@ from bevfusion_ptq.artifacts import SavedVersion
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline import FidelityRef
 
-_TABLE_COLUMNS = ("name", "share_group", "enabled", "num_bits", "axis", "calibrator", "method", "amax", "amax_min", "amax_median", "amax_max")
+_TABLE_COLUMNS = ("name", "share_group", "enabled", "num_bits", "axis", "calibrator", "method", "amax", "amax_min", "amax_median", "amax_max", "auto")
 
 
 def _summary_markdown(
@@ -58,7 +58,7 @@ def report(
 ) -> None:
     rows = json.loads((Path(saved.path) / "quantizers.json").read_text())
     create_table_artifact(
-        table=[{c: json.dumps(r[c]) if isinstance(r[c], list) else r[c] for c in _TABLE_COLUMNS} for r in rows],
+        table=[{c: json.dumps(r.get(c)) if isinstance(r.get(c), (list, dict)) else r.get(c) for c in _TABLE_COLUMNS} for r in rows],
         key="quantizer-status",
         description=f"{len(rows)} quantizers of {saved.manifest['model']} {saved.manifest['version']}",
     )

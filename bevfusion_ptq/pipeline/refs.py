@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from bevfusion_ptq.workdir import StageRef
 
-__all__ = ["CheckpointRef", "DatasetRef", "FidelityRef", "StageRef"]
+__all__ = ["CheckpointRef", "DatasetRef", "FidelityRef", "SensitivityRef", "StageRef"]
 
 
 class CheckpointRef(BaseModel):
@@ -34,4 +34,16 @@ class FidelityRef(BaseModel):
     key: str
     path: str | None  # None when the report was switched off (fidelity_batches 0)
     summary: dict[str, Any]
+    markdown: str
+
+
+class SensitivityRef(BaseModel):
+    """The sensitivity analysis on disk (``sensitivity.json``, the chart) and its proposal."""
+
+    key: str
+    path: str
+    chart: str
+    target: float | None
+    exclude_quantizers: list[str]  # the proposal, as quantizer paths (empty without a target)
+    exclude_groups: list[str]
     markdown: str
