@@ -84,11 +84,12 @@ def main() -> None:
     t = time.perf_counter()
     stats = pipeline.collect_statistics_stage(base, ref, data)
     report["collect_seconds"] = round(time.perf_counter() - t, 2)
+    _progress(args.out, report, f"collect-statistics: {report['collect_seconds']} s")
     device = pipeline.resolve_device(args.device)
     heldout = list(heldout_set(base, data).loader(pin_memory=False))
 
     # 1. every method through compute-amax, judged by the fidelity report on held-out batches
-    methods, rows, status = {}, [], {}
+    methods, rows = {}, []
     for method, pct in METHODS:
         params = base.model_copy(update={"calib_method": method, "percentile": pct})
         t = time.perf_counter()
@@ -100,12 +101,12 @@ def main() -> None:
         summary = {s.name: {"cos": s.cosine_mean, "rel_l2": s.rel_l2_mean} for s in fid.stages}
         methods[label] = {"compute_amax_seconds": round(seconds, 3), "stages": summary,
                           "box_agreement": fid.boxes.agreement if fid.boxes else None}
-        status[label] = {n: q for n, q in _histogram_amax(model).items()}
         rows.append([label, f"{seconds:.2f}", summary["decoder_out"]["rel_l2"], summary["decoder_out"]["cos"],
                      summary.get("heatmap", {}).get("rel_l2", float("nan")),
                      "n/a" if fid.boxes is None or fid.boxes.agreement is None else f"{fid.boxes.agreement:.1%}"])
     report["methods"] = methods
     t1 = _table(["method", "compute-amax s", "decoder rel. L2", "decoder cos", "heatmap rel. L2", "box agreement"], rows)
+    _progress(args.out, report, t1)
 
     # 2. auto against each single method
     auto_model = load_model(pipeline.compute_amax_stage(base.model_copy(update={"calib_method": "auto"}), ref, stats, data))
@@ -125,12 +126,14 @@ def main() -> None:
         rows2.append([label, wins.get(label, 0), err, auto_err, f"{(err - auto_err) / err:+.1%}" if err else "n/a"])
     report["auto"] = {"wins": wins, "median_margin": {k: sorted(v)[len(v) // 2] for k, v in margins.items()}}
     t2 = _table(["single method", "quantizers auto gave it", "its decoder rel. L2", "auto's", "auto lower by"], rows2)
+    _progress(args.out, report, t2)
 
     # 3. the reference's exclusions vs the proposal at the same target; 4. the ranking
     model = calibrated_model(base, ref, stats, data).to(device).eval()
     metric = FidelityMetric([b for b in heldout], stage=args.metric)
     ref_drop = measure_exclusions(model, metric, DEFAULT_EXCLUDE)
     none_drop = measure_exclusions(model, metric, (), prepared=True)
+    _progress(args.out, report, f"drop with no exclusions {none_drop:.4g}, with the reference's two {ref_drop:.4g}")
     params = base.model_copy(update={"sensitivity_target": ref_drop})
     t = time.perf_counter()
     sens = pipeline.sensitivity_stage(params, ref, stats, data)
@@ -161,6 +164,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sensitivity_analysis.json").write_text(json.dumps({**report, "markdown": text}, indent=1) + "\n")
     (args.out / "sensitivity.png").write_bytes(Path(sens.chart).read_bytes())
+
+
+def _progress(out: Path, report: dict, text: str) -> None:
+    """Print a finished table at once and keep the numbers so far (a long run may be cut short)."""
+    print(text + "\n", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sensitivity_analysis.partial.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def _histogram_amax(model: torch.nn.Module) -> dict[str, float]:

@@ -34,6 +34,7 @@ from pytorch_quantization.nn import TensorQuantizer
 from torch import Tensor, nn
 
 from bevfusion_ptq.errors import CalibrationError
+from bevfusion_ptq.quant.calibrate import default_forward
 from bevfusion_ptq.quant.fidelity import STAGE_TITLES, bevfusion_forward, compare_tensors
 from bevfusion_ptq.quant.insert import matches
 from bevfusion_ptq.quant.report import quantizer_paths, share_groups
@@ -107,9 +108,11 @@ class Metric(Protocol):
 class FidelityMetric:
     """Mean relative L2 error of one output (``decoder_out`` or ``heatmap``) against FP32."""
 
-    def __init__(self, batches: Sequence[Any], stage: str = "decoder_out", forward=bevfusion_forward) -> None:
+    def __init__(self, batches: Sequence[Any], stage: str = "decoder_out", forward=None) -> None:
         if not batches:
             raise CalibrationError("the sensitivity metric needs at least one held-out batch")
+        if forward is None:  # the decoder output needs no head: stop where calibration stops
+            forward = default_forward if stage == "decoder_out" else bevfusion_forward
         self.batches, self.stage, self.forward = list(batches), stage, forward
         self.name = f"{STAGE_TITLES.get(stage, stage)} rel. L2 error"
         self.reference: list[Tensor] = []
