@@ -79,6 +79,11 @@ class PTQParams(BaseModel):
     sensitivity_metric: Literal["decoder_out", "heatmap"] = Field(
         "decoder_out", description="the sensitivity analysis' metric: relative L2 error of this output against FP32"
     )
+    sensitivity_groups: list[str] = Field(
+        default_factory=list,
+        description="analyse only quantizer groups whose name or a layer matches these patterns (repeatable; the "
+        "others stay INT8 in every measurement; default: all groups)",
+    )
 
     @field_validator("exclude")
     @classmethod

@@ -32,7 +32,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "fuse_bn": (),
     "collect_statistics": ("calib_batches",),
     "compute_amax": ("calib_method", "percentile", "exclude"),
-    "sensitivity": ("calib_method", "percentile", "sensitivity_metric"),
+    "sensitivity": ("calib_method", "percentile", "sensitivity_metric", "sensitivity_groups"),
     "fidelity": ("fidelity_batches",),
     "save_artifacts": ("output",),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
+from bevfusion_ptq.errors import ConfigError
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline.amax_stage import calibrated_model
 from bevfusion_ptq.pipeline.heldout import heldout_identity, heldout_set
@@ -18,6 +19,7 @@ from bevfusion_ptq.pipeline.inputs import resolve_device
 from bevfusion_ptq.pipeline.keys import stage_key
 from bevfusion_ptq.pipeline.refs import DatasetRef, SensitivityRef, StageRef
 from bevfusion_ptq.quant.calibrate import ProgressFn
+from bevfusion_ptq.quant.insert import matches
 from bevfusion_ptq.quant.rules import bevfusion_rules
 from bevfusion_ptq.quant.sensitivity import FidelityMetric, Metric, analyse_sensitivity, quantizer_groups
 from bevfusion_ptq.quant.sensitivity_chart import markdown_image, sensitivity_png
@@ -60,9 +62,20 @@ def sensitivity_stage(
     model = calibrated_model(params, ref, stats, data).to(device).eval()
     batches = [move_batch(b, device) for b in heldout_set(params, data).loader(pin_memory=False)]
     groups = quantizer_groups(model, bevfusion_rules().share)
+    if params.sensitivity_groups:
+        patterns = tuple(params.sensitivity_groups)
+        groups_all, groups = groups, [g for g in groups if g.name in patterns or any(matches(m, patterns) for m in g.modules)]
+        if not groups:
+            raise ConfigError(f"--sensitivity-groups {' '.join(patterns)} matches no quantizer group")
+        analysed = {p for g in groups for p in g.quantizers}
+        always_on = [p for g in groups_all for p in g.quantizers if p not in analysed]
+    else:
+        always_on = []
     target = sensitivity_target(params)
     log.info("sensitivity analysis: %d groups on %d held-out batches on %s", len(groups), len(batches), device)
-    result = analyse_sensitivity(model, groups, make_metric(params, batches), target=target, progress=progress)
+    result = analyse_sensitivity(
+        model, groups, make_metric(params, batches), target=target, progress=progress, always_on=always_on
+    )
     folder = stage_dir(STAGE, key)
     folder.mkdir(parents=True, exist_ok=True)
     path, chart = folder / RESULT_FILE, folder / CHART_FILE

@@ -215,13 +215,16 @@ def _keeping_flags(quantizers: Sequence[TensorQuantizer]):
 class _Bench:
     """Switches quantizers by path and measures the metric; counts measurements."""
 
-    def __init__(self, model: nn.Module, metric: Metric, progress: ProgressFn | None, planned: int) -> None:
+    def __init__(
+        self, model: nn.Module, metric: Metric, progress: ProgressFn | None, planned: int, always_on: Iterable[str] = ()
+    ) -> None:
         self.model, self.metric, self.progress, self.planned = model, metric, progress, planned
         self.by_path = {paths[0]: q for q, paths in quantizer_paths(model)}
+        self.always_on = list(always_on)
         self.count = 0
 
-    def switch(self, quantized: Iterable[str]) -> None:
-        on = {id(self.by_path[p]) for p in quantized}
+    def switch(self, quantized: Iterable[str], fp32: bool = False) -> None:
+        on = set() if fp32 else {id(self.by_path[p]) for p in [*quantized, *self.always_on]}
         for q in self.by_path.values():
             q._disabled = id(q) not in on
             q._if_quant, q._if_calib = True, False
@@ -242,8 +245,13 @@ def analyse_sensitivity(
     *,
     target: float | None = None,
     progress: ProgressFn | None = None,
+    always_on: Sequence[str] = (),
 ) -> SensitivityResult:
     """Rank ``groups`` by their measured drop; propose exclusions for ``target`` if given.
+
+    ``always_on``: quantizer paths outside ``groups`` that stay quantized in every
+    measurement (an analysis of some groups inside the real INT8 model); any other
+    quantizer outside ``groups`` stays FP32.
 
     Every quantizer must hold an amax (a calibrated model; exclusions already applied are
     ignored: the analysis switches every quantizer itself and puts the flags back after).
@@ -255,10 +263,10 @@ def analyse_sensitivity(
         raise CalibrationError(f"sensitivity analysis needs a calibrated model; no amax in {', '.join(missing[:10])}")
     started = time.perf_counter()
     everything = [p for g in groups for p in g.quantizers]
-    bench = _Bench(model, metric, progress, 1 + 2 * len(groups))
+    bench = _Bench(model, metric, progress, 1 + 2 * len(groups), always_on)
     with _keeping_flags(list(bench.by_path.values())), torch.no_grad():
         model.eval()
-        bench.switch(())  # FP32: every quantizer off
+        bench.switch((), fp32=True)  # FP32: every quantizer off
         metric.prepare(model)
         all_drop = bench.measure(everything)
         rows = []
@@ -320,7 +328,7 @@ def measure_exclusions(model: nn.Module, metric: Metric, patterns: Sequence[str]
     with _keeping_flags([q for q, _ in paths]), torch.no_grad():
         model.eval()
         if not prepared:
-            bench.switch(())
+            bench.switch((), fp32=True)
             metric.prepare(model)
         keep = [ps[0] for q, ps in paths if not any(matches(p.rpartition(".")[0], tuple(patterns)) for p in ps)]
         return bench.measure(keep)
