@@ -16,6 +16,10 @@ from bevfusion_ptq.quant.report import quantizer_status
 from tests.model_helpers import torch_threads
 from tests.test_fidelity import calibrated_tiny
 
+# choose_amax computes six candidates for ~60 histograms and re-runs every quantized layer
+# six times: minutes on a 2-core CPU.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def auto_tiny(tmp_path_factory):
@@ -40,10 +44,9 @@ def test_every_histogram_quantizer_gets_its_least_error_candidate(auto_tiny):
         assert all(math.isfinite(e) and e >= 0 for e in c.errors.values()), name
         assert c.errors[c.winner] == min(c.errors.values()), name
         assert 0 <= c.margin <= 1 and 0 <= c.vs_mse <= 1, name
-        # the quantizer now holds the winner's amax, which is what the histogram gives for it
+        # the quantizer now holds the winner's amax
         q = histogram[name]
-        assert float(q._amax) == pytest.approx(c.amax)
-        assert c.amax == pytest.approx(float(candidate_amax(q)[c.winner]))
+        assert float(q._amax) == pytest.approx(c.amax) == c.candidates[c.winner]
         assert getattr(q, CHOICE_ATTR)["winner"] == c.winner
         criteria.add(c.criterion)
     # convolutions are judged at their output, residual adds and concats on their own tensor
@@ -51,6 +54,10 @@ def test_every_histogram_quantizer_gets_its_least_error_candidate(auto_tiny):
     # candidates differ (the max is never below the 99.9th percentile) and the winners are not all one method
     assert all(c.candidates["max"] >= c.candidates["percentile-99.9"] for c in choices.values())
     assert len({c.winner for c in choices.values()}) > 1
+    # the candidates are what the histogram gives (checked on a few: entropy is slow on a CPU)
+    for name in list(choices)[:3]:
+        fresh = candidate_amax(histogram[name])
+        assert {m: float(v) for m, v in fresh.items()} == pytest.approx(choices[name].candidates), name
 
 
 def test_flags_and_weight_amax_are_put_back(auto_tiny):
