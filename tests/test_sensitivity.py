@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 
 import pytest
 
@@ -93,4 +94,4 @@ def test_outputs_render(analysed):
     image = markdown_image(png)
     assert image.startswith("![sensitivity chart](data:image/png;base64,")
     assert base64.b64decode(image.split(",", 1)[1].rstrip(")")) == png
-    assert result.as_dict()["proposal"]["groups"] == list(result.proposal.groups)
+    assert json.loads(json.dumps(result.as_dict()))["proposal"]["groups"] == list(result.proposal.groups)
