@@ -89,8 +89,8 @@ def calibrated_model(params: PTQParams, ref: StageRef, stats: StageRef, data: Da
     """The fused model with the statistics imported and every amax set; nothing excluded.
 
     On the CPU: amax from a histogram is a few matrix operations per quantizer. ``auto``
-    starts from mse (weights take their max either way) and then sets each histogram
-    quantizer's measured choice.
+    starts from max (the cheapest: weights take their max either way, and every histogram
+    quantizer's amax is then replaced by its measured choice).
     """
     model = load_model(ref).eval()
     seen = import_calibration_state(model, load_statistics(stats), torch.device("cpu"))
@@ -99,7 +99,7 @@ def calibrated_model(params: PTQParams, ref: StageRef, stats: StageRef, data: Da
             f"statistics {stats.path} hold {seen} batches, the run asks for {params.calib_batches}"
         )
     auto = params.calib_method == "auto"
-    compute_amax(model, "mse" if auto else params.calib_method, percentile=params.percentile)
+    compute_amax(model, "max" if auto else params.calib_method, percentile=params.percentile)
     if auto:
         _apply_auto(params, ref, stats, data, model)
     return model
