@@ -106,13 +106,15 @@ class PTQParams(BaseModel):
     calib_pipeline: Literal["test", "train-aug"] = Field(
         "test", description="test: deterministic test-time transform; train-aug: the reference's seeded augmentations"
     )
-    calib_method: Literal["mse", "percentile", "entropy", "max"] = Field(
-        "mse", description="how activation amax is chosen from the histograms"
+    calib_method: Literal["mse", "percentile", "entropy", "max", "auto"] = Field(
+        "mse", description="how activation amax is chosen from the histograms; auto: per quantizer, the candidate "
+        "(mse, entropy, percentile 99.9/99.99/99.999, max) with the least error at its consumer on held-out batches"
     )
     percentile: float = Field(99.99, gt=0, le=100, description="percentile for --calib-method percentile")
     exclude: list[str] = Field(
         default_factory=lambda: list(DEFAULT_EXCLUDE),
-        description="module path patterns whose quantizers are disabled after calibration (repeatable)",
+        description="module path patterns whose quantizers are disabled after calibration (repeatable); "
+        "auto:<target> adds the smallest list the sensitivity analysis finds for a metric drop <= target",
     )
     fidelity_batches: int = Field(
         2, ge=0, le=10_000,
@@ -152,6 +154,57 @@ class PTQParams(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="calibration device; auto picks cuda when available")
     seed: int = Field(0, ge=0, description="seed for generated data, random checkpoints and sampling")
+    heldout_batches: int = Field(
+        2, ge=1, le=10_000,
+        description="held-out batches (the data's val split) on which --calib-method auto and the sensitivity "
+        "analysis measure",
+    )
+    sensitivity_target: float | None = Field(
+        None, gt=0,
+        description="run the per-group sensitivity analysis in the flow and propose exclusions for a metric drop "
+        "<= this target (implied by --exclude auto:<target>)",
+    )
+    sensitivity_metric: Literal["decoder_out", "heatmap"] = Field(
+        "decoder_out", description="the sensitivity analysis' metric: relative L2 error of this output against FP32"
+    )
+    sensitivity_groups: list[str] = Field(
+        default_factory=list,
+        description="analyse only quantizer groups whose name or a layer matches these patterns (repeatable; the "
+        "others stay INT8 in every measurement; default: all groups)",
+    )
+
+    @field_validator("exclude")
+    @classmethod
+    def _one_valid_auto_target(cls, value: list[str]) -> list[str]:
+        autos = [v for v in value if v.startswith("auto:")]
+        if len(autos) > 1:
+            raise ValueError(f"at most one auto:<target> exclusion, got {', '.join(autos)}")
+        for v in autos:
+            try:
+                target = float(v.removeprefix("auto:"))
+            except ValueError:
+                raise ValueError(f"{v!r}: the target after auto: must be a number, e.g. auto:0.05") from None
+            if not target > 0:
+                raise ValueError(f"{v!r}: the target must be > 0")
+        return value
+
+    @property
+    def auto_exclude_target(self) -> float | None:
+        """The target of an ``auto:<target>`` exclusion, None without one."""
+        for v in self.exclude:
+            if v.startswith("auto:"):
+                return float(v.removeprefix("auto:"))
+        return None
+
+    @property
+    def exclude_patterns(self) -> list[str]:
+        """The user's exclusion patterns, without an ``auto:<target>`` entry."""
+        return [v for v in self.exclude if not v.startswith("auto:")]
+
+    @property
+    def runs_sensitivity(self) -> bool:
+        return self.sensitivity_target is not None or self.auto_exclude_target is not None
+
     export: list[Literal["int8", "fp16"]] = Field(
         default_factory=lambda: ["int8"],
         description="deployment ONNX sets to write into the version: int8 (default), fp16 (every quantizer off), "

@@ -209,6 +209,33 @@ def _report_rerun(params: PTQParams, done: dict, *, as_json: bool) -> int:
     return 0
 
 
+def cmd_sensitivity(ns: argparse.Namespace) -> int:
+    import json
+
+    params = params_from_args(ns)
+    use_local_prefect()
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "bevfusion_ptq")
+    from flows.sensitivity import sensitivity_analysis
+
+    out = sensitivity_analysis(params)
+    result = out["result"]
+    if ns.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{result['metric']} on {result['num_batches']} held-out batch(es); everything INT8: {result['all_drop']:.4g}")
+    print(f"{'rank':>4}  {'only':>10}  {'all but':>10}  {'recovery':>10}  group")
+    for g in result["groups"][: ns.top]:
+        print(f"{g['rank']:>4}  {g['only']:>10.4g}  {g['all_but']:>10.4g}  {g['recovery']:>10.4g}  {g['name']}")
+    proposal = result["proposal"]
+    if proposal:
+        verdict = "meets" if proposal["met"] else "does NOT meet"
+        print(f"proposed exclusions for a drop <= {proposal['target']:g} ({verdict} it, {proposal['drop']:.4g}): "
+              + (", ".join(proposal["groups"]) or "none needed"))
+        print("modules: " + " ".join(proposal["modules"]))
+    print(f"{result['evaluations']} measurements in {result['seconds']:.1f} s; {out['path']}, chart {out['chart']}")
+    return 0
+
+
 def cmd_make_checkpoint(ns: argparse.Namespace) -> int:
     from bevfusion_ptq.model.checkpoint import make_checkpoint
     from bevfusion_ptq.model.config import load_config
@@ -386,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "comes from the cache); without it such a re-run only checks the published copy")
     run.add_argument("--json", action="store_true", help="print the run's result as JSON")
     run.set_defaults(func=cmd_run)
+
+    sens = sub.add_parser("sensitivity", help="rank quantizer groups by the metric drop each causes on held-out "
+                          "batches and propose exclusions for --sensitivity-target (reuses collected statistics)")
+    _add_param_options(sens)
+    sens.add_argument("--top", type=int, default=10, help="groups to print (default 10)")
+    sens.add_argument("--json", action="store_true", help="print sensitivity.json")
+    sens.set_defaults(func=cmd_sensitivity)
 
     mk = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the reference layout")
     mk.add_argument("path")

@@ -14,6 +14,7 @@ from tasks.preflight import check_inputs
 from tasks.gate import gate
 from tasks.publish import publish
 from tasks.report import report
+from tasks.sensitivity import sensitivity_report
 
 # pytorch-quantization logs one absl WARNING per quantizer each time calibration is switched
 # on or off ("Disable MaxCalibrator"): hundreds of lines per run that hide the real ones.
@@ -35,7 +36,11 @@ def ptq(params: PTQParams = PTQParams()) -> dict:
     model = run(stages.load_model, params=params, ckpt=ckpt)
     model = run(stages.insert_quantizers, params=params, ref=model)
     model = run(stages.fuse_bn, params=params, ref=model)
-    calibrated = run(stages.calibrate, params=params, ref=model, data=data)
+    statistics = run(stages.collect_statistics, params=params, ref=model, data=data)
+    sensitivity = (
+        run(stages.sensitivity, params=params, ref=model, stats=statistics, data=data) if params.runs_sensitivity else None
+    )
+    calibrated = run(stages.compute_amax, params=params, ref=model, stats=statistics, data=data, sensitivity=sensitivity)
     fidelity = run(stages.fidelity, params=params, ref=calibrated, data=data)
     exported = run(stages.export, params=params, calibrated=calibrated, data=data)
     evaluation = run(stages.evaluate, params=params, ref=calibrated, data=data)
@@ -50,6 +55,8 @@ def ptq(params: PTQParams = PTQParams()) -> dict:
     else:
         published = publish(str(saved.path), params.output, params.sse, params.sse_kms_key_id)
     report(params, saved, fidelity, run.timings, published)
+    if sensitivity is not None:
+        sensitivity_report(sensitivity)
     if verdict.failed:
         raise GateFailedError(
             f"gate failed: {verdict.reason}; version {saved.manifest['version']} not published, kept at {saved.path}"

@@ -11,12 +11,12 @@ a shared one (Prefect's Redis lock manager).
 
 Retries: errors caused by the inputs (:class:`~bevfusion_ptq.errors.PTQError`: a bad config,
 a missing file, a key mismatch) fail at once; anything else (CUDA out of memory, a killed
-data worker, an injected fault) is retried with exponential backoff, and calibration resumes
-from its last saved state.
+data worker, an injected fault) is retried with exponential backoff, and statistics collection
+resumes from its last saved state.
 
 Timeouts: Prefect can only interrupt a sync task between Python bytecodes, never inside a
 long CUDA or spconv call. The flow runs the tasks in its own thread (no task runner
-threads) so the timeout can be delivered there at all, and calibration also gets a deadline
+threads) so the timeout can be delivered there at all, and collection also gets a deadline
 that it checks between batches, saving its state before it stops.
 """
 
@@ -121,20 +121,38 @@ class _ProgressArtifact:
 
 
 @_stage(
-    "calibrate", pipeline.calibrate_key, CALIBRATE_TIMEOUT_S,
+    "collect-statistics", pipeline.collect_statistics_key, CALIBRATE_TIMEOUT_S,
     tags=["gpu"], retries=3, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
 )
-def calibrate(params: PTQParams, ref: pipeline.StageRef, data: pipeline.DatasetRef) -> pipeline.StageRef:
+def collect_statistics(params: PTQParams, ref: pipeline.StageRef, data: pipeline.DatasetRef) -> pipeline.StageRef:
     fail_at = os.environ.get(FAIL_AT_BATCH_ENV)
     first_attempt = task_run.get_run_count() <= 1
     if task_run.get_run_count() > 1:
         get_run_logger().info("attempt %d: resuming from the last saved calibration state", task_run.get_run_count())
-    return pipeline.calibrate_stage(
+    return pipeline.collect_statistics_stage(
         params, ref, data,
         progress=_ProgressArtifact("calibration", "batches", len(data.tokens)),
         fail_at_batch=int(fail_at) if fail_at and first_attempt else None,
         deadline=time.monotonic() + CALIBRATE_TIMEOUT_S - 120,
     )
+
+
+@_stage("sensitivity", pipeline.sensitivity_key, 3 * 3600, tags=["gpu"], retries=1, retry_delay_seconds=30)
+def sensitivity(
+    params: PTQParams, ref: pipeline.StageRef, stats: pipeline.StageRef, data: pipeline.DatasetRef
+) -> pipeline.SensitivityRef:
+    return pipeline.sensitivity_stage(params, ref, stats, data)
+
+
+@_stage("compute-amax", pipeline.compute_amax_key, 1800)
+def compute_amax(
+    params: PTQParams,
+    ref: pipeline.StageRef,
+    stats: pipeline.StageRef,
+    data: pipeline.DatasetRef,
+    sensitivity: pipeline.SensitivityRef | None = None,
+) -> pipeline.StageRef:
+    return pipeline.compute_amax_stage(params, ref, stats, data, sensitivity)
 
 
 @_stage("fidelity-report", pipeline.fidelity_key, 3600, tags=["gpu"], retries=1, retry_delay_seconds=30)
@@ -176,7 +194,9 @@ _STAGE_NAMES = {
     load_model: "load_model",
     insert_quantizers: "insert_quantizers",
     fuse_bn: "fuse_bn",
-    calibrate: "calibrate",
+    collect_statistics: "collect_statistics",
+    compute_amax: "compute_amax",
+    sensitivity: "sensitivity",
     fidelity: "fidelity",
     export: "export",
     evaluate: "evaluate",

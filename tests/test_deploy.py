@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 POOL = "bevfusion-gpu"
 YAML = "deployments/prefect.yaml"
 BEVFUSION_PTQ = str(Path(sys.executable).parent / "bevfusion-ptq")
-STAGES = {"prepare-checkpoint", "build-dataset", "load-model", "insert-quantizers", "fuse-bn", "calibrate", "save-artifacts"}
+STAGES = {"prepare-checkpoint", "build-dataset", "load-model", "insert-quantizers", "fuse-bn", "collect-statistics", "compute-amax", "save-artifacts"}
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _check_completed(client, run, stack: Stack, sent: dict) -> Path:
     tasks = {t.name.rsplit("-", 1)[0]: t for t in _task_runs(client, run.id)}
     assert STAGES <= set(tasks), sorted(tasks)
     assert all(t.state.type.value == "COMPLETED" for t in tasks.values())
-    assert "gpu" in tasks["calibrate"].tags and "gpu" not in tasks["build-dataset"].tags
+    assert "gpu" in tasks["collect-statistics"].tags and "gpu" not in tasks["build-dataset"].tags
     versions = list((Path(sent["params"]["output"]) / "bevfusion-tiny").glob("*/manifest.json"))
     assert len(versions) == 1, versions
     manifest = json.loads(versions[0].read_text())

@@ -29,8 +29,8 @@ from tasks import stages
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = (
-    "prepare-checkpoint", "build-dataset", "load-model", "insert-quantizers", "fuse-bn", "calibrate",
-    "fidelity-report", "export-onnx", "save-artifacts",
+    "prepare-checkpoint", "build-dataset", "load-model", "insert-quantizers", "fuse-bn", "collect-statistics",
+    "compute-amax", "fidelity-report", "export-onnx", "evaluate", "save-artifacts",
 )
 
 
@@ -54,8 +54,8 @@ def home(shared_home, monkeypatch):
 
 @pytest.fixture
 def no_retry_delay(monkeypatch):
-    monkeypatch.setattr(stages.calibrate, "retry_delay_seconds", [0, 0, 0])
-    monkeypatch.setattr(stages.calibrate, "retry_jitter_factor", None)
+    monkeypatch.setattr(stages.collect_statistics, "retry_delay_seconds", [0, 0, 0])
+    monkeypatch.setattr(stages.collect_statistics, "retry_jitter_factor", None)
 
 
 def _params(tmp: Path, **overrides) -> PTQParams:
@@ -111,8 +111,8 @@ def _check_version_dir(version_dir: Path) -> dict:
 
 
 def _calibrated_amax(home: Path, key: str) -> dict[str, torch.Tensor]:
-    path = home / "work" / "calibrate" / key / "model.pt"
-    ref = StageRef(stage="calibrate", key=key, path=str(path), sha256=file_sha256(path), made_from={})
+    path = home / "work" / "compute_amax" / key / "model.pt"
+    ref = StageRef(stage="compute_amax", key=key, path=str(path), sha256=file_sha256(path), made_from={})
     return {k: v for k, v in load_model(ref).state_dict().items() if k.endswith("._amax")}
 
 
@@ -153,7 +153,7 @@ def test_first_run_writes_artifacts_then_identical_run_is_all_cached(prefect_api
     assert sorted(a.key for a in kinds["progress"]) == ["calibration-progress", "evaluation-progress"]
     assert [a.data for a in kinds["progress"]] == [100.0, 100.0]
     summary = next(a.data for a in kinds["markdown"] if a.key == "ptq-summary")
-    assert first["version"] in summary and "| calibrate |" in summary and "camera BEV" in summary
+    assert first["version"] in summary and "| collect-statistics |" in summary and "camera BEV" in summary
     table = next(a for a in kinds["table"] if a.key == "quantizer-status")
     assert "layer3-lateral0" in str(table.data)
     # One short cell per amax: the scalar, or min / median / max of a per-channel one.
@@ -169,23 +169,117 @@ def test_first_run_writes_artifacts_then_identical_run_is_all_cached(prefect_api
     assert sorted(p.name for p in version_dir.parent.iterdir() if p.is_dir()) == [first["version"]]
 
 
+@pytest.fixture
+def forwards(monkeypatch):
+    """Counts every BEVFusion forward in this process (collection calls ``extract_features``,
+    the fidelity report ``forward``); the flow runs its tasks in this process."""
+    from bevfusion_ptq.model.bevfusion import BEVFusion
+
+    counts = {"forward": 0, "extract_features": 0}
+    for name in counts:
+        original = getattr(BEVFusion, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(BEVFusion, name, counted)
+    return counts
+
+
 @pytest.mark.slow
-def test_changed_method_reruns_only_calibrate_and_what_follows(prefect_api, home):
+def test_changed_method_reruns_only_compute_amax_and_what_follows(prefect_api, home, forwards):
     from flows.ptq import ptq
 
-    result = ptq(_params(home, calib_method="percentile"))
+    # No evaluation here, so that every forward counted below is the fidelity report's.
+    result = ptq(_params(home, calib_method="percentile", eval_samples=0))
     states = _states(result["flow_run_id"])
     assert states == {
         "prepare-checkpoint": "Cached", "build-dataset": "Cached", "load-model": "Cached",
-        "insert-quantizers": "Cached", "fuse-bn": "Cached",
-        "calibrate": "Completed", "fidelity-report": "Completed", "export-onnx": "Completed",
-        "save-artifacts": "Completed",
+        "insert-quantizers": "Cached", "fuse-bn": "Cached", "collect-statistics": "Cached",
+        "compute-amax": "Completed", "fidelity-report": "Completed", "export-onnx": "Completed",
+        "evaluate": "Completed", "save-artifacts": "Completed",
     }
+    # Only the fidelity report ran the model (FP32 and INT8 pass of its one batch): no collection.
+    assert forwards == {"forward": 2, "extract_features": 2}
     # A new version next to the first; latest moved to it.
     versions = [p for p in (home / "out" / "bevfusion-tiny").iterdir() if p.is_dir()]
     assert len(versions) == 2
     latest = json.loads((home / "out" / "bevfusion-tiny" / "latest.json").read_text())
     assert latest["version"] == result["version"]
+
+
+@pytest.mark.slow
+def test_changed_method_percentile_or_exclusions_run_no_forward_pass(prefect_api, home, forwards):
+    """With the fidelity report off, a warm run that changes only how amax is decided runs the
+    model zero times, and each setting gives its own amax."""
+    from flows.ptq import ptq
+
+    ptq(_params(home, fidelity_batches=0))  # warm: statistics collected (or cached already)
+    forwards.update(forward=0, extract_features=0)
+    amax = {}
+    for change in ({"calib_method": "entropy"}, {"calib_method": "percentile", "percentile": 99.9},
+                   {"exclude": ["decoder.neck"]}):
+        result = ptq(_params(home, fidelity_batches=0, **change))
+        states = _states(result["flow_run_id"])
+        assert states["collect-statistics"] == "Cached" and states["compute-amax"] == "Completed", change
+        key = json.loads((Path(result["path"]) / "manifest.json").read_text())["inputs"]["stage_keys"]["compute_amax"]
+        amax[json.dumps(change)] = _calibrated_amax(home, key)
+    assert forwards == {"forward": 0, "extract_features": 0}
+    entropy, pct = amax['{"calib_method": "entropy"}'], amax['{"calib_method": "percentile", "percentile": 99.9}']
+    assert any(not torch.equal(entropy[k], pct[k]) for k in entropy)
+
+
+@pytest.mark.slow
+def test_auto_method_and_auto_exclusions_reuse_the_statistics(prefect_api, home, forwards):
+    """auto measures on held-out batches and records its choices; auto:<target> runs the
+    sensitivity stage, whose proposal compute-amax applies; nothing is collected again."""
+    import asyncio
+
+    from flows.ptq import ptq
+
+    ptq(_params(home, fidelity_batches=0))  # warm statistics
+    forwards.update(forward=0, extract_features=0)
+    # Two groups analysed (the others stay INT8): a few forwards instead of two per group.
+    some = ["encoders.lidar.backbone.conv_input", "decoder.neck.deblocks.0"]
+    result = ptq(_params(home, calib_method="auto", exclude=["auto:0.5"], heldout_batches=1, sensitivity_groups=some))
+    runs = _task_runs(result["flow_run_id"])
+    assert runs["collect-statistics"].state.name == "Cached"
+    assert runs["sensitivity"].state.name == "Completed" and runs["compute-amax"].state.name == "Completed"
+    # The model ran only on held-out and fidelity batches (auto's choices are measured once and
+    # shared by the sensitivity and compute-amax stages); the statistics were not collected again.
+    assert forwards["extract_features"] > 0
+    sensitivity = json.loads(next((home / "work" / "sensitivity").glob("*/sensitivity.json")).read_text())
+    proposal = sensitivity["proposal"]
+    assert proposal["met"] and proposal["target"] == 0.5
+    quantizers = {q["name"]: q for q in json.loads((Path(result["path"]) / "quantizers.json").read_text())}
+    autos = [q for q in quantizers.values() if q["calibrator"] == "histogram"]
+    assert autos and all(q["method"] == f"auto:{q['auto']['winner']}" for q in autos)
+    assert all(not quantizers[p]["enabled"] for p in proposal["quantizers"] if p in quantizers)
+    assert "auto:" in (Path(result["path"]) / "status.md").read_text()
+    manifest = json.loads((Path(result["path"]) / "manifest.json").read_text())
+    assert manifest["inputs"]["calibration"]["exclude"] == ["auto:0.5"]
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[result["flow_run_id"]]))
+            )
+
+    by_key = {a.key: a for a in asyncio.run(artifacts()) if a.key}
+    assert by_key["sensitivity"].type == "table"
+    assert "data:image/png;base64," in by_key["sensitivity-chart"].data
+
+    # The CLI's analysis on the same state: everything up to the statistics cached, one line per group.
+    env = {**os.environ, "BEVFUSION_PTQ_HOME": str(home), "PREFECT_API_URL": prefect_api}
+    cmd = [sys.executable, "-m", "flows.cli", "sensitivity", "--calib-batches", "4", "--device", "cpu",
+           "--calib-method", "auto", "--heldout-batches", "1", "--sensitivity-target", "0.5", "--top", "3",
+           "--sensitivity-groups", some[0], "--sensitivity-groups", some[1]]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert sum(1 for line in lines if line.startswith("   ") and line.strip()[:1].isdigit()) == 2  # both groups, fewer than --top
+    assert "proposed exclusions for a drop <= 0.5" in proc.stdout
 
 
 @pytest.mark.slow
@@ -199,19 +293,26 @@ def test_fault_at_batch_k_resumes_from_the_saved_state(prefect_api, home, monkey
     monkeypatch.setenv("BEVFUSION_PTQ_HOME", str(fresh))
     monkeypatch.setenv(stages.FAIL_AT_BATCH_ENV, "3")
     result = ptq(_params(home, calib_checkpoint_every=2))
-    run = _task_runs(result["flow_run_id"])["calibrate"]
+    run = _task_runs(result["flow_run_id"])["collect-statistics"]
     assert run.state.name == "Completed" and run.run_count == 2
-    (key,) = [p.name for p in (fresh / "work" / "calibrate").iterdir()]
+    (stats_key,) = [p.name for p in (fresh / "work" / "collect_statistics").iterdir()]
+    (key,) = [p.name for p in (fresh / "work" / "compute_amax").iterdir()]
     # Content keys: the same inputs in another state directory give the same key (the
     # checkpoint interval is not an input).
-    assert (home / "work" / "calibrate" / key / "model.pt").is_file()
-    resumed = json.loads((fresh / "work" / "calibrate" / key / "stage.json").read_text())
+    assert (home / "work" / "compute_amax" / key / "model.pt").is_file()
+    resumed = json.loads((fresh / "work" / "collect_statistics" / stats_key / "stage.json").read_text())
     assert resumed["made_from"]["resumed_from"] == 2 and resumed["made_from"]["collected"] == 2
+    theirs = torch.load(home / "work" / "collect_statistics" / stats_key / "statistics.pt", weights_only=True)
+    ours = torch.load(fresh / "work" / "collect_statistics" / stats_key / "statistics.pt", weights_only=True)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        for field, value in ours[name].items():
+            assert torch.equal(value, theirs[name][field]) if isinstance(value, torch.Tensor) else value == theirs[name][field]
     ours, theirs = _calibrated_amax(fresh, key), _calibrated_amax(home, key)
     assert ours.keys() == theirs.keys() and len(ours) >= 120  # shared quantizers appear under every path
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
-    assert not (fresh / "work" / "calibrate" / key / "calibration-state.pt").exists()
+    assert not (fresh / "work" / "collect_statistics" / stats_key / "calibration-state.pt").exists()
 
 
 @pytest.mark.slow
@@ -250,7 +351,8 @@ def test_two_identical_runs_started_together_calibrate_once(prefect_api, tmp_pat
 
     async def calibrate_runs():
         async with get_client() as client:
-            return [r for r in await client.read_task_runs() if r.name.startswith("calibrate-") and r.created >= started]
+            return [r for r in await client.read_task_runs()
+                    if r.name.startswith("collect-statistics-") and r.created >= started]
 
     assert sorted(r.state.name for r in asyncio.run(calibrate_runs())) == ["Cached", "Completed"]
     versions = [p.name for p in (tmp_path / "out" / "bevfusion-tiny").iterdir() if p.is_dir()]

@@ -9,7 +9,9 @@ chain them directly::
     ref = load_model_stage(params, ckpt)
     ref = insert_quantizers_stage(params, ref)
     ref = fuse_bn_stage(params, ref)
-    ref = calibrate_stage(params, ref, data)
+    stats = collect_statistics_stage(params, ref, data)
+    sens = sensitivity_stage(params, ref, stats, data)  # optional: ranks groups, proposes exclusions
+    ref = compute_amax_stage(params, ref, stats, data, sens)
     fid = fidelity_stage(params, ref, data)
     exp = export_stage(params, ref, data)
     ev = evaluate_stage(params, ref, data)
@@ -21,7 +23,13 @@ Every stage has a ``*_key`` function over the same arguments (:mod:`.keys`): the
 hash that names its work directory and serves as its cache key.
 """
 
-from bevfusion_ptq.pipeline.calibrate_stage import CalibrationInterrupted, InjectedFault, calibrate_key, calibrate_stage
+from bevfusion_ptq.pipeline.amax_stage import compute_amax_key, compute_amax_stage
+from bevfusion_ptq.pipeline.collect_stage import (
+    CalibrationInterrupted,
+    InjectedFault,
+    collect_statistics_key,
+    collect_statistics_stage,
+)
 from bevfusion_ptq.pipeline.export_stage import export_key, export_stage
 from bevfusion_ptq.pipeline.evaluate_stage import evaluate_key, evaluate_stage
 from bevfusion_ptq.pipeline.fidelity_stage import fidelity_key, fidelity_stage
@@ -43,16 +51,26 @@ from bevfusion_ptq.pipeline.model_stages import (
     load_model_stage,
 )
 from bevfusion_ptq.pipeline.outputs import output_present
-from bevfusion_ptq.pipeline.refs import CheckpointRef, DatasetRef, EvaluationRef, ExportRef, FidelityRef, StageRef
+from bevfusion_ptq.pipeline.refs import (
+    CheckpointRef,
+    DatasetRef,
+    EvaluationRef,
+    ExportRef,
+    FidelityRef,
+    SensitivityRef,
+    StageRef,
+)
 from bevfusion_ptq.pipeline.room import check_disk
 from bevfusion_ptq.pipeline.save_stage import local_root, save_artifacts_key, save_artifacts_stage, version_id
+from bevfusion_ptq.pipeline.sensitivity_stage import sensitivity_key, sensitivity_stage
 
 __all__ = [
     "CalibrationInterrupted", "CheckpointRef", "DatasetRef", "FidelityRef", "InjectedFault", "StageRef",
     "EvaluationRef", "evaluate_key", "evaluate_stage", "gate_stage",
-    "calibrate_key", "calibrate_stage", "check_disk", "config_identity", "fidelity_key", "fidelity_stage", "fuse_bn_key",
+    "check_disk", "collect_statistics_key", "collect_statistics_stage", "compute_amax_key", "compute_amax_stage",
+    "config_identity", "fidelity_key", "fidelity_stage", "fuse_bn_key",
     "fuse_bn_stage", "insert_quantizers_key", "insert_quantizers_stage", "load_model_key", "load_model_stage",
     "local_root", "output_present", "prepare_checkpoint", "prepare_checkpoint_key", "prepare_dataset",
     "prepare_dataset_key", "resolve_device", "save_artifacts_key", "save_artifacts_stage", "version_id",
-    "ExportRef", "export_key", "export_stage",
+    "ExportRef", "export_key", "export_stage", "SensitivityRef", "sensitivity_key", "sensitivity_stage",
 ]

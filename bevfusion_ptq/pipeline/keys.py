@@ -3,8 +3,8 @@
 A stage's key combines the package version, the source of the stage function, the run
 parameters that stage reads (:data:`STAGE_PARAMS`), and the identities of its inputs: the
 checkpoint's sha256, the resolved config's hash, the dataset fingerprint and the keys of the
-stages it consumes. Changing the calibration method therefore changes the keys of calibrate
-and what follows, while load-model and fuse-bn keep theirs.
+stages it consumes. Changing the calibration method therefore changes the keys of compute-amax
+and what follows, while load-model, fuse-bn and collect-statistics keep theirs.
 
 The same key names the stage's work directory (``<state>/work/<stage>/<key>/``) and is the
 Prefect cache key of its task, so "cached" and "on disk" cannot disagree about what they hold.
@@ -30,7 +30,9 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "load_model": (),
     "insert_quantizers": (),
     "fuse_bn": (),
-    "calibrate": ("calib_method", "percentile", "calib_batches", "exclude"),
+    "collect_statistics": ("calib_batches",),
+    "compute_amax": ("calib_method", "percentile", "exclude"),
+    "sensitivity": ("calib_method", "percentile", "sensitivity_metric", "sensitivity_groups"),
     "fidelity": ("fidelity_batches",),
     "evaluate": ("eval_samples", "eval_version", "eval_split", "seed"),
     "save_artifacts": ("output",),

@@ -33,8 +33,8 @@ def insert_quantizers_key(params: PTQParams, ref: StageRef) -> str:
 def insert_quantizers_stage(params: PTQParams, ref: StageRef) -> StageRef:
     """Apply the rule set (quantizers are created, not yet calibrated; exclusions come later)."""
     model = load_model(ref)
-    plan = insert_quantizers(model, bevfusion_rules(tuple(params.exclude)))
-    warn_unmatched_exclusions(model, tuple(params.exclude))  # a typo shows now, not after calibration
+    plan = insert_quantizers(model, bevfusion_rules(tuple(params.exclude_patterns)))
+    warn_unmatched_exclusions(model, tuple(params.exclude_patterns))  # a typo shows now, not after calibration
     made_from = {"model": ref.key, "rules": plan.rule_set, "quantized_modules": len(plan.modules)}
     return save_model(model, "insert_quantizers", insert_quantizers_key(params, ref), made_from)
 

@@ -14,11 +14,13 @@ from typing import Any
 
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline import inputs as stage_inputs
-from bevfusion_ptq.pipeline.calibrate_stage import calibrate_key
+from bevfusion_ptq.pipeline.amax_stage import compute_amax_key
+from bevfusion_ptq.pipeline.collect_stage import statistics_path
 from bevfusion_ptq.pipeline.export_stage import export_present
 from bevfusion_ptq.pipeline.evaluate_stage import evaluation_present
 from bevfusion_ptq.pipeline.fidelity_stage import REPORT_FILE, fidelity_key
 from bevfusion_ptq.pipeline.model_stages import fuse_bn_key, insert_quantizers_key, load_model_key
+from bevfusion_ptq.pipeline.sensitivity_stage import RESULT_FILE, sensitivity_key
 from bevfusion_ptq.pipeline.save_stage import saved_version_exists, version_dir
 from bevfusion_ptq.workdir import stage_dir, stage_output
 
@@ -51,7 +53,9 @@ _PRESENT: dict[str, Callable[..., bool]] = {
     "load_model": _model_stage("load_model", load_model_key),
     "insert_quantizers": _model_stage("insert_quantizers", insert_quantizers_key),
     "fuse_bn": _model_stage("fuse_bn", fuse_bn_key),
-    "calibrate": _model_stage("calibrate", calibrate_key),
+    "collect_statistics": lambda **kw: statistics_path(**kw).is_file(),
+    "compute_amax": _model_stage("compute_amax", compute_amax_key),
+    "sensitivity": lambda **kw: (stage_dir("sensitivity", sensitivity_key(**kw)) / RESULT_FILE).is_file(),
     "fidelity": lambda params, ref, data: params.fidelity_batches == 0
     or (stage_dir("fidelity", fidelity_key(params, ref, data)) / REPORT_FILE).is_file(),
     "export": lambda params, calibrated, data: export_present(params, calibrated, data),

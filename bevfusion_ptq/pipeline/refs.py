@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from bevfusion_ptq.workdir import StageRef
 
-__all__ = ["CheckpointRef", "DatasetRef", "EvaluationRef", "ExportRef", "FidelityRef", "StageRef"]
+__all__ = ["CheckpointRef", "DatasetRef", "EvaluationRef", "ExportRef", "FidelityRef", "SensitivityRef", "StageRef"]
 
 
 class CheckpointRef(BaseModel):
@@ -56,3 +56,15 @@ class EvaluationRef(BaseModel):
     key: str
     path: str | None
     summary: dict[str, Any]
+
+
+class SensitivityRef(BaseModel):
+    """The sensitivity analysis on disk (``sensitivity.json``, the chart) and its proposal."""
+
+    key: str
+    path: str
+    chart: str
+    target: float | None
+    exclude_quantizers: list[str]  # the proposal, as quantizer paths (empty without a target)
+    exclude_groups: list[str]
+    markdown: str

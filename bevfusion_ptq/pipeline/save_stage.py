@@ -97,6 +97,14 @@ def version_dir(
     )
 
 
+def _method_cell(row: dict) -> str:
+    """The method, and for auto by how much the winner beat the runner-up and mse."""
+    auto = row.get("auto")
+    if not auto:
+        return row["method"]
+    return f"{row['method']} ({auto['margin']:.1%} below next, {auto['vs_mse']:.1%} below mse)"
+
+
 def _status_markdown(rows: list[dict]) -> str:
     lines = ["| quantizer | group | on | bits | axis | calibrator | method | amax |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -105,7 +113,7 @@ def _status_markdown(rows: list[dict]) -> str:
         )
         lines.append(
             f"| {r['name']} | {r['share_group'] or ''} | {'yes' if r['enabled'] else 'no'} | {r['num_bits']} | "
-            f"{'tensor' if r['axis'] is None else r['axis']} | {r['calibrator']} | {r['method']} | {amax} |"
+            f"{'tensor' if r['axis'] is None else r['axis']} | {r['calibrator']} | {_method_cell(r)} | {amax} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -162,7 +170,10 @@ def save_artifacts_stage(
                 "exclude": params.exclude,
                 "seed": params.seed,
             },
-            "stage_keys": {"calibrate": calibrated.key, "fidelity": fidelity.key}
+            "stage_keys": {
+                "collect_statistics": calibrated.made_from.get("statistics"), "compute_amax": calibrated.key,
+                "fidelity": fidelity.key,
+            }
             | ({"export": exported.key} if exported is not None else {})
             | ({"evaluate": evaluation.key} if evaluation is not None else {}),
         },

@@ -29,6 +29,9 @@ class QuantizerStatus:
     amax_median: float | None
     amax_max: float | None
     names: list[str]  # every module path reaching this one quantizer object
+    # --calib-method auto: the winner, its margin over the runner-up and over mse, every
+    # candidate's error and amax (see bevfusion_ptq.quant.auto_amax.AmaxChoice)
+    auto: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +92,7 @@ def quantizer_status(
     for q, paths in quantizer_paths(model):
         amax = getattr(q, "_amax", None)
         kind = calibrator_kind(q)
+        choice = getattr(q, "_amax_choice", None)
         if amax is None:
             values = None
             lo = med = hi = None
@@ -104,12 +108,13 @@ def quantizer_status(
                 num_bits=q.num_bits,
                 axis=axis_list(q),
                 calibrator=kind,
-                method=method if kind == "histogram" else kind,
+                method=(f"auto:{choice['winner']}" if choice else method) if kind == "histogram" else kind,
                 amax=values,
                 amax_min=lo,
                 amax_median=med,
                 amax_max=hi,
                 names=paths,
+                auto=choice if kind == "histogram" else None,
             )
         )
     return rows
