@@ -101,7 +101,8 @@ def calibration_figures(root: Path, work: Path) -> dict:
             ref = pipeline.load_model_stage(params, ckpt)
             ref = pipeline.insert_quantizers_stage(params, ref)
             ref = pipeline.fuse_bn_stage(params, ref)
-            ref = pipeline.calibrate_stage(params, ref, data)
+            stats = pipeline.collect_statistics_stage(params, ref, data)
+            ref = pipeline.compute_amax_stage(params, ref, stats, data)
             fid = pipeline.fidelity_stage(params, ref, data)
         model = load_model(ref)
         amax = {}

@@ -234,7 +234,8 @@ def test_identical_inputs_give_identical_bytes_in_two_state_directories(tmp_path
         ref = pipeline.load_model_stage(params, ckpt)
         ref = pipeline.insert_quantizers_stage(params, ref)
         ref = pipeline.fuse_bn_stage(params, ref)
-        calibrated = pipeline.calibrate_stage(params, ref, data)
+        stats = pipeline.collect_statistics_stage(params, ref, data)
+        calibrated = pipeline.compute_amax_stage(params, ref, stats, data)
         fidelity = pipeline.fidelity_stage(params, calibrated, data)
         pipeline.save_artifacts_stage(params, calibrated, ckpt, data, fidelity, flow_run_id="run")
         return home
