@@ -77,8 +77,9 @@ def test_amax_equals_a_one_shot_calibration_and_runs_no_forward(stages, counted,
 
 def test_statistics_of_another_batch_count_are_refused(stages):
     params, ref, data, stats = stages
+    three = data.model_copy(update={"tokens": [*data.tokens, data.tokens[0]]})  # a set of 3 keyframes
     with pytest.raises(CalibrationError, match="hold 2 batches, the run asks for 3"):
-        pipeline.compute_amax_stage(params.model_copy(update={"calib_batches": 3}), ref, stats, data)
+        pipeline.compute_amax_stage(params, ref, stats, three)
 
 
 def test_auto_exclusion_target_is_validated():

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 from s3_server import moto_server, s3  # noqa: F401
 
 from bevfusion_ptq.errors import GateFailedError
@@ -23,23 +21,6 @@ from bevfusion_ptq.pipeline import prepare_checkpoint
 from bevfusion_ptq.workdir import state_dir
 
 EVAL_SAMPLES = 3  # of the generated val scene's 10 keyframes: keeps each evaluation short
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
-def shared_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("ptq-home")
-
-
-@pytest.fixture
-def home(shared_home, monkeypatch):
-    monkeypatch.setenv("BEVFUSION_PTQ_HOME", str(shared_home))
-    return shared_home
 
 
 def _params(out: str, **overrides) -> PTQParams:

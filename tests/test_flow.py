@@ -17,8 +17,6 @@ import pytest
 import torch
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 
 from bevfusion_ptq.errors import CheckpointError
 from bevfusion_ptq.hashing import file_sha256
@@ -32,24 +30,6 @@ STAGES = (
     "prepare-checkpoint", "build-dataset", "load-model", "insert-quantizers", "fuse-bn", "collect-statistics",
     "compute-amax", "fidelity-report", "export-onnx", "evaluate", "save-artifacts",
 )
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A temporary Prefect server (its own database), started and stopped around the module."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
-def shared_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("ptq-home")
-
-
-@pytest.fixture
-def home(shared_home, monkeypatch):
-    monkeypatch.setenv("BEVFUSION_PTQ_HOME", str(shared_home))
-    return shared_home
 
 
 @pytest.fixture

@@ -13,20 +13,12 @@ import logging
 import pytest
 from prefect import flow
 from prefect.artifacts import Artifact
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 from s3_server import SECRETS, free_port, make_version, moto_server, s3  # noqa: F401
 
 from bevfusion_ptq.errors import TransientStorageError, VerificationError
 from bevfusion_ptq.s3.manifest import load_local_version
 from bevfusion_ptq.workdir import state_dir
 from tasks.publish import publish as publish_task
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture

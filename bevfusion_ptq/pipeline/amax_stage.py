@@ -94,10 +94,8 @@ def calibrated_model(params: PTQParams, ref: StageRef, stats: StageRef, data: Da
     """
     model = load_model(ref).eval()
     seen = import_calibration_state(model, load_statistics(stats), torch.device("cpu"))
-    if seen != params.calib_batches:
-        raise CalibrationError(
-            f"statistics {stats.path} hold {seen} batches, the run asks for {params.calib_batches}"
-        )
+    if seen != len(data.tokens):  # the dataset stage settled the count (a default may be capped)
+        raise CalibrationError(f"statistics {stats.path} hold {seen} batches, the run asks for {len(data.tokens)}")
     auto = params.calib_method == "auto"
     compute_amax(model, "max" if auto else params.calib_method, percentile=params.percentile)
     if auto:
@@ -127,9 +125,9 @@ def compute_amax_stage(
         "model": ref.key,
         "statistics": stats.key,
         "method": params.calib_method,
-        "batches": params.calib_batches,
+        "batches": len(data.tokens),
         "resumed_from": stats.made_from.get("resumed_from", 0),
-        "collected": stats.made_from.get("collected", params.calib_batches),
+        "collected": stats.made_from.get("collected", len(data.tokens)),
         "disabled": len(disabled),
         "auto_excluded": [] if sensitivity is None or params.auto_exclude_target is None else sensitivity.exclude_groups,
         "relu_folded": len(relu),
