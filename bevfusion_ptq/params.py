@@ -114,7 +114,7 @@ class PTQParams(BaseModel):
     exclude: list[str] = Field(
         default_factory=lambda: list(DEFAULT_EXCLUDE),
         description="module path patterns whose quantizers are disabled after calibration (repeatable); "
-        "auto:<target> adds the smallest list the sensitivity analysis finds for a metric drop <= target",
+        "auto:TARGET adds the smallest list the sensitivity analysis finds for a metric drop <= TARGET",
     )
     fidelity_batches: int = Field(
         2, ge=0, le=10_000,
@@ -162,7 +162,7 @@ class PTQParams(BaseModel):
     sensitivity_target: float | None = Field(
         None, gt=0,
         description="run the per-group sensitivity analysis in the flow and propose exclusions for a metric drop "
-        "<= this target (implied by --exclude auto:<target>)",
+        "<= this target (implied by --exclude auto:TARGET)",
     )
     sensitivity_metric: Literal["decoder_out", "heatmap"] = Field(
         "decoder_out", description="the sensitivity analysis' metric: relative L2 error of this output against FP32"

@@ -156,8 +156,8 @@ def test_run_killed_mid_calibration_is_resumed_by_the_same_command(tmp_path):
     killed = Run(_cmd(out, "--calib-checkpoint-every", "2"), _env(state))
     killed.wait_for(r"calibration state saved after batch 2")
     children = _descendants(killed.proc.pid)
-    locks = list((state / "prefect-cache" / "locks").glob("calibrate-*.lock"))
-    assert locks, "the calibrate stage holds its lock"
+    locks = list((state / "prefect-cache" / "locks").glob("collect-statistics-*.lock"))
+    assert locks, "the collect-statistics stage holds its lock"
     killed.proc.kill()
     killed.finish()
     # The temporary Prefect server and the data-loader workers die with the run.
@@ -169,13 +169,13 @@ def test_run_killed_mid_calibration_is_resumed_by_the_same_command(tmp_path):
     assert again.finish() == 0, again.output[-4000:]
     recovery_s = time.monotonic() - started
     text = " ".join(again.output.split())  # Prefect's console wraps long lines
-    assert re.search(rf"broke the stale lock .*calibrate-.*pid {killed.proc.pid} .*its process is gone", text), text[-4000:]
+    assert re.search(rf"broke the stale lock .*collect-statistics-.*pid {killed.proc.pid} .*its process is gone", text), text[-4000:]
     assert f"resuming calibration at batch 2 of {BATCHES}" in text
     assert "calibration batch 1/" not in text and f"calibration batch {BATCHES}/{BATCHES}" in text
-    (stage,) = (state / "work" / "calibrate").glob("*/stage.json")
+    (stage,) = (state / "work" / "collect_statistics").glob("*/stage.json")
     made_from = json.loads(stage.read_text())["made_from"]
     assert made_from["resumed_from"] == 2 and made_from["collected"] == BATCHES - 2
-    assert not list((state / "work" / "calibrate").glob("*/calibration-state.pt"))
+    assert not list((state / "work" / "collect_statistics").glob("*/calibration-state.pt"))
     assert not list((state / "prefect-cache" / "locks").glob("*.lock"))
 
     fresh = Run(_cmd(tmp_path / "out-fresh"), _env(tmp_path / "state-fresh"))
@@ -208,7 +208,7 @@ def test_interrupted_run_stops_after_the_batch_with_state_saved_and_no_process_l
     text = run.output
     assert re.search(r"calibration stopped after batch (\d+)", text), text[-4000:]
     assert f"stopped by {sig.name}" in text and "Traceback" not in text
-    saved = list((state / "work" / "calibrate").glob("*/calibration-state.pt"))
+    saved = list((state / "work" / "collect_statistics").glob("*/calibration-state.pt"))
     assert len(saved) == 1, "the calibration state of the last whole batch is kept"
     assert not (out / "bevfusion-tiny").exists() or not any((out / "bevfusion-tiny").iterdir())
     print(f"\n{sig.name}: exited {exit_s:.1f} s after the signal")
@@ -227,7 +227,7 @@ def test_identical_inputs_give_identical_bytes_in_two_state_directories(tmp_path
         home = tmp_path / name
         monkeypatch.setenv("BEVFUSION_PTQ_HOME", str(home / "state"))
         monkeypatch.setattr(os, "getpid", lambda: pid)  # temporary names carry the PID
-        params = PTQParams(output=str(home / "out"), calib_batches=1, fidelity_batches=1,
+        params = PTQParams(output=str(home / "out"), checkpoint="random", calib_batches=1, fidelity_batches=1,
                            calib_method="percentile", device="cpu")
         ckpt = pipeline.prepare_checkpoint(params)
         data = pipeline.prepare_dataset(params)

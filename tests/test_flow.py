@@ -39,8 +39,10 @@ def no_retry_delay(monkeypatch):
 
 
 def _params(tmp: Path, **overrides) -> PTQParams:
+    """Small runs. The gate is off: 4 calibration batches and 2 evaluated keyframes make noisy
+    mAP deltas, and these tests are about caching and orchestration (the gate has its own)."""
     return PTQParams(**{"output": str(tmp / "out"), "calib_batches": 4, "fidelity_batches": 1, "device": "cpu",
-                        "eval_samples": 2, **overrides})
+                        "eval_samples": 2, "max_map_drop": None, "max_nds_drop": None, **overrides})
 
 
 def _task_runs(flow_run_id: str) -> dict[str, object]:
@@ -340,23 +342,26 @@ def test_two_identical_runs_started_together_calibrate_once(prefect_api, tmp_pat
 
 
 def test_cli_run_with_embedded_defaults(tmp_path):
-    """The README's main command, as a user runs it (ephemeral local Prefect API)."""
+    """The README's main command, as a user runs it (ephemeral local Prefect API): the trained
+    demo model, calibrated and evaluated with every default, passes the default gate."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["BEVFUSION_PTQ_HOME"] = str(tmp_path / "state")
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--output", str(tmp_path / "artifacts"), "--calib-batches", "2",
-         "--fidelity-batches", "1", "--eval-samples", "2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "flows.cli", "run", "--output", str(tmp_path / "artifacts")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "FP32: mAP" in proc.stdout and "INT8: mAP" in proc.stdout and "gate passed" in proc.stdout
+    # Real numbers in both precisions (random weights score 0), and the default gate's verdict.
+    scores = dict(re.findall(r"^(FP32|INT8): mAP ([0-9.]+)", proc.stdout, flags=re.M))
+    assert set(scores) == {"FP32", "INT8"} and min(float(v) for v in scores.values()) > 10, proc.stdout
+    assert "gate passed" in proc.stdout
     versions = [p for p in (tmp_path / "artifacts" / "bevfusion-tiny").iterdir() if p.is_dir()]
     assert len(versions) == 1
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith(f"written to {versions[0]} (version {versions[0].name}; recomputed: ")
     _check_version_dir(versions[0])
     # Progress lines of the library reach the console, with rate and ETA.
-    assert "calibration batch 2/2" in proc.stderr and "ETA" in proc.stderr
+    assert "calibration batch 8/8" in proc.stderr and "ETA" in proc.stderr
     # One logging configuration: no glog-style lines, no per-quantizer chatter.
     for noise in ("Logging before flag parsing", "Disable MaxCalibrator", "Enable MaxCalibrator", "Overwriting amax"):
         assert noise not in proc.stderr
