@@ -34,6 +34,10 @@ _TITLES = {
     "max_map_drop": "Gate: largest mAP drop (points)",
     "max_nds_drop": "Gate: largest NDS drop (points)",
     "min_fidelity_cosine": "Gate: lowest fidelity cosine",
+    "heldout_batches": "Held-out batches (auto method, sensitivity)",
+    "sensitivity_target": "Sensitivity analysis: target drop",
+    "sensitivity_metric": "Sensitivity analysis: metric",
+    "sensitivity_groups": "Sensitivity analysis: groups",
 }
 
 
