@@ -13,9 +13,10 @@ fits ``--train-minutes``; the report records the count, and ``--epochs N`` with 
 repeats the run. ``--max-minutes`` is a hard stop at a step boundary (the report says so).
 
 Determinism: the initial weights, the shuffling (per epoch) and every augmentation draw
-(per sample and epoch, independent of the worker that loads it) derive from ``--seed``. On
-CPU a run repeats bit for bit; on CUDA, scatter-adds (BEV pooling, sparse convs) use atomics,
-so runs agree only to rounding.
+(per sample and epoch, independent of the worker that loads it) derive from ``--seed``, so
+two runs see the same batches in the same order from the same start (the first loss repeats
+exactly). Scatter-adds in the backward pass (BEV pooling, sparse convs; CUDA atomics, CPU
+threads) sum in varying order, so gradients and later steps agree only to rounding.
 
 After training, the model is measured on the val infos (the ``test`` pipeline): the three
 losses, and per-class precision/recall at 2 m (:mod:`tools.tiny_measure`).
@@ -340,6 +341,9 @@ def train(ns: argparse.Namespace) -> int:
             tick = time.perf_counter()
             for batch in train_loader:
                 wait += time.perf_counter() - tick
+                if time.perf_counter() > deadline:
+                    stop_reason = f"wall-clock limit reached (--max-minutes {ns.max_minutes}, --stop-at {ns.stop_at})"
+                    break
                 for group in optimizer.param_groups:
                     group["lr"] = schedule.lr(step)
                 batch = move_batch(batch, device)
@@ -367,9 +371,6 @@ def train(ns: argparse.Namespace) -> int:
                         float(grad_norm), schedule.lr(step - 1), done * ns.batch_size / (time.perf_counter() - epoch_start),
                         100 * wait / (time.perf_counter() - epoch_start),
                     )
-                if time.perf_counter() > deadline:
-                    stop_reason = f"--max-minutes {ns.max_minutes} reached"
-                    break
                 tick = time.perf_counter()
             seconds = time.perf_counter() - epoch_start
             means = {k: round(v / max(done, 1), 5) for k, v in sums.items()}
