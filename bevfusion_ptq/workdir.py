@@ -72,11 +72,14 @@ def load_model(ref: StageRef) -> nn.Module:
     """
     import torch
 
+    return torch.load(verified_path(ref), map_location="cpu", weights_only=False)
+
+
+def verified_path(ref: StageRef, error: type[PTQError] = PTQError) -> Path:
+    """The file a stage wrote, refused (as ``error``) when it is gone or changed since."""
     path = Path(ref.path)
     if not path.is_file():
-        raise PTQError(f"work file of stage {ref.stage} is missing: {path}; run again with --refresh-cache")
+        raise error(f"work file of stage {ref.stage} is missing: {path}; run again with --refresh-cache")
     if file_sha256(path) != ref.sha256:
-        raise PTQError(
-            f"work file of stage {ref.stage} changed since it was written: {path}; run again with --refresh-cache"
-        )
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise error(f"work file of stage {ref.stage} changed since it was written: {path}; run again with --refresh-cache")
+    return path

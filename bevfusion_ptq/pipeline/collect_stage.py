@@ -33,7 +33,7 @@ from bevfusion_ptq.pipeline.keys import stage_key
 from bevfusion_ptq.pipeline.refs import DatasetRef, StageRef
 from bevfusion_ptq.quant.calib_state import export_calibration_state, import_calibration_state
 from bevfusion_ptq.quant.calibrate import ProgressFn, collect
-from bevfusion_ptq.workdir import load_model, stage_dir
+from bevfusion_ptq.workdir import load_model, stage_dir, verified_path
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,7 @@ def statistics_path(params: PTQParams, ref: StageRef, data: DatasetRef) -> Path:
 
 def load_statistics(stats: StageRef) -> dict:
     """The statistics file of a collect-statistics output, refusing one that changed since."""
-    path = Path(stats.path)
-    if not path.is_file():
-        raise CalibrationError(f"statistics of stage {stats.stage} are missing: {path}; run again with --refresh-cache")
-    if file_sha256(path) != stats.sha256:
-        raise CalibrationError(
-            f"statistics of stage {stats.stage} changed since they were written: {path}; run again with --refresh-cache"
-        )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(verified_path(stats, CalibrationError), map_location="cpu", weights_only=True)
 
 
 def _free(device: torch.device) -> None:
