@@ -96,13 +96,7 @@ def calibration_figures(root: Path, work: Path) -> dict:
         params = PTQParams(data_root=str(root), calib_batches=8, fidelity_batches=4, device="cpu",
                            output=str(work / rule / "out"))
         with pooling_rule(rule):
-            ckpt = pipeline.prepare_checkpoint(params)
-            data = pipeline.prepare_dataset(params)
-            ref = pipeline.load_model_stage(params, ckpt)
-            ref = pipeline.insert_quantizers_stage(params, ref)
-            ref = pipeline.fuse_bn_stage(params, ref)
-            stats = pipeline.collect_statistics_stage(params, ref, data)
-            ref = pipeline.compute_amax_stage(params, ref, stats, data)
+            _, data, ref = pipeline.calibrated_in_process(params)
             fid = pipeline.fidelity_stage(params, ref, data)
         model = load_model(ref)
         amax = {}

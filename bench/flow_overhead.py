@@ -37,13 +37,7 @@ def _library(params) -> None:
     from bevfusion_ptq import pipeline
     from bevfusion_ptq.s3 import publish_version
 
-    ckpt = pipeline.prepare_checkpoint(params)
-    data = pipeline.prepare_dataset(params)
-    ref = pipeline.load_model_stage(params, ckpt)
-    ref = pipeline.insert_quantizers_stage(params, ref)
-    ref = pipeline.fuse_bn_stage(params, ref)
-    stats = pipeline.collect_statistics_stage(params, ref, data)
-    ref = pipeline.compute_amax_stage(params, ref, stats, data)
+    ckpt, data, ref = pipeline.calibrated_in_process(params)
     fidelity = pipeline.fidelity_stage(params, ref, data)
     saved = pipeline.save_artifacts_stage(params, ref, ckpt, data, fidelity)
     publish_version(saved.path, params.output)

@@ -229,13 +229,7 @@ def test_identical_inputs_give_identical_bytes_in_two_state_directories(tmp_path
         monkeypatch.setattr(os, "getpid", lambda: pid)  # temporary names carry the PID
         params = PTQParams(output=str(home / "out"), checkpoint="random", calib_batches=1, fidelity_batches=1,
                            calib_method="percentile", device="cpu")
-        ckpt = pipeline.prepare_checkpoint(params)
-        data = pipeline.prepare_dataset(params)
-        ref = pipeline.load_model_stage(params, ckpt)
-        ref = pipeline.insert_quantizers_stage(params, ref)
-        ref = pipeline.fuse_bn_stage(params, ref)
-        stats = pipeline.collect_statistics_stage(params, ref, data)
-        calibrated = pipeline.compute_amax_stage(params, ref, stats, data)
+        ckpt, data, calibrated = pipeline.calibrated_in_process(params)
         fidelity = pipeline.fidelity_stage(params, calibrated, data)
         pipeline.save_artifacts_stage(params, calibrated, ckpt, data, fidelity, flow_run_id="run")
         return home

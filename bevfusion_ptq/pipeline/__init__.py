@@ -11,7 +11,7 @@ chain them directly::
     ref = fuse_bn_stage(params, ref)
     stats = collect_statistics_stage(params, ref, data)
     sens = sensitivity_stage(params, ref, stats, data)  # optional: ranks groups, proposes exclusions
-    ref = compute_amax_stage(params, ref, stats, data, sens)
+    ref = compute_amax_stage(params, ref, stats, data, sens)  # without sens: calibrated_in_process(params)
     fid = fidelity_stage(params, ref, data)
     exp = export_stage(params, ref, data)
     ev = evaluate_stage(params, ref, data)
@@ -24,6 +24,7 @@ hash that names its work directory and serves as its cache key.
 """
 
 from bevfusion_ptq.pipeline.amax_stage import compute_amax_key, compute_amax_stage
+from bevfusion_ptq.pipeline.chain import calibrated_in_process
 from bevfusion_ptq.pipeline.collect_stage import (
     CalibrationInterrupted,
     InjectedFault,
@@ -73,4 +74,5 @@ __all__ = [
     "local_root", "output_present", "prepare_checkpoint", "prepare_checkpoint_key", "prepare_dataset",
     "prepare_dataset_key", "resolve_device", "save_artifacts_key", "save_artifacts_stage", "version_id",
     "ExportRef", "export_key", "export_stage", "SensitivityRef", "sensitivity_key", "sensitivity_stage",
+    "calibrated_in_process",
 ]
