@@ -161,6 +161,22 @@ def profile(device: torch.device, fn: Callable[[], Any], batches: int, top: int 
     }
 
 
+def steady_profile(two: dict[str, Any], four: dict[str, Any]) -> dict[str, Any]:
+    """Per-batch figures of batches 3 and 4: a 4-batch profile minus a 2-batch one."""
+    out: dict[str, Any] = {"batches": 2, "derived": "4-batch profile minus 2-batch profile"}
+    for key in ("wall_ms_per_batch", "kernel_ms_per_batch", "kernel_launches_per_batch",
+                "host_reads_per_batch", "stream_syncs_per_batch"):
+        out[key] = round((4 * four[key] - 2 * two[key]) / 2, 2)
+    first = {row["kernel"]: row for row in two["top_kernels"]}
+    out["top_kernels"] = [
+        {"kernel": row["kernel"],
+         "ms_per_batch": round((4 * row["ms_per_batch"] - 2 * first.get(row["kernel"], {}).get("ms_per_batch", 0.0)) / 2, 3),
+         "calls_per_batch": round((4 * row["calls_per_batch"] - 2 * first.get(row["kernel"], {}).get("calls_per_batch", 0)) / 2, 1)}
+        for row in four["top_kernels"]
+    ]
+    return out
+
+
 # ------------------------------------------------------------------------------ phases
 Builder = Callable[[bool], torch.nn.Module]  # quantized? -> a BN-folded model on the CPU, eval mode
 
@@ -273,9 +289,22 @@ def ours_phase(build: Builder, batches: list, device: torch.device, a: argparse.
         "peak_gib": max(peaks) if device.type == "cuda" else None,
         "amax": {k: v.detach().cpu() for k, v in amax.items()},
     }
+    # Steady state: a calibration of 2n batches (the same batches twice) against one of n.
+    # The difference is n batches after the first, whose sizing and weight reductions a
+    # 300-batch calibration pays once; P1_steady is that per-batch time over the floor's.
+    doubled = []
+    for _ in range(max(1, a.repeats // 2)):
+        fresh_calibrators(model)
+        doubled.append(timed(device, lambda: collect(model, batches + batches, 2 * n))[0])
+    out["collect_doubled_median_s"] = statistics.median(doubled)
+    out["steady_batch_s"] = (out["collect_doubled_median_s"] - out["collect_median_s"]) / n
+    out["ablation"] = ablation(model, batches, device, a)
     if a.profile:
         fresh_calibrators(model)
         out["profile"] = profile(device, lambda: collect(model, batches[:2], 2), 2)
+        fresh_calibrators(model)
+        four = profile(device, lambda: collect(model, batches[:2] * 2, 4), 4)
+        out["profile_steady"] = steady_profile(out["profile"], four)
     if device.type == "cuda":
         import os
 
@@ -298,6 +327,48 @@ def ours_phase(build: Builder, batches: list, device: torch.device, a: argparse.
     collect(model, batches, n)  # leave the full-data histograms for the comparison
     compute_amax(model, "mse")
     return out, model
+
+
+def ablation(model: torch.nn.Module, batches: list, device: torch.device, a: argparse.Namespace) -> dict[str, float]:
+    """Where ours' time over the floor goes, per batch after the first (2n minus n batches):
+
+    * ``quantizers_off``: the quantized model with every quantizer disabled (pass-through),
+      batches moved from pinned memory as ours moves them: the quant modules' own cost;
+    * ``collect_no_count``: our collect with the counting launch replaced by nothing: the
+      host path of every quantizer call and the session, without the kernel's GPU time;
+    * ours itself is ``steady_batch_s``.
+    """
+    from bevfusion_ptq.quant import histogram as hist
+    from bevfusion_ptq.quant.calibrate import collect, default_forward
+    from bevfusion_ptq.quant.compat import iter_quantizers
+
+    n = len(batches)
+
+    def per_batch(run: Callable[[list], Any]) -> float:
+        one = statistics.median(timed(device, lambda: run(batches))[0] for _ in range(max(1, a.repeats // 2)))
+        two = statistics.median(timed(device, lambda: run(batches + batches))[0] for _ in range(max(1, a.repeats // 2)))
+        return (two - one) / n
+
+    quantizers = [q for _, q in iter_quantizers(model)]
+    saved = [q._disabled for q in quantizers]
+    try:
+        for q in quantizers:
+            q._disabled = True
+        with torch.no_grad(), calibration_backends(device, benchmark=True):
+            off = per_batch(lambda bs: [default_forward(model, b) for b in bs])
+    finally:
+        for q, was in zip(quantizers, saved):
+            q._disabled = was
+    launch = hist._launch_count
+    hist._launch_count = lambda *args: None
+    try:
+        def no_count(bs: list) -> None:
+            fresh_calibrators(model)
+            collect(model, bs, len(bs))
+        without = per_batch(no_count)
+    finally:
+        hist._launch_count = launch
+    return {"quantizers_off_batch_s": off, "collect_no_count_batch_s": without}
 
 
 def reference_collect(model: torch.nn.Module, batches: list, device: torch.device) -> None:
@@ -648,14 +719,17 @@ def nan_self_check(device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------- report
 def ratios(r: dict) -> dict:
-    ours_total = r["ours"]["collect_median_s"] + r["ours"]["amax_median_s"]
-    ref_total = r["reference"]["collect_median_s"] + r["reference"]["amax_s"]
     out = {
         "P1": r["ours"]["batch_median_s"] / r["floor"]["batch_median_s"],
-        "P2": ref_total / ours_total,
-        "P3": r["reference"]["amax_s"] / r["ours"]["amax_median_s"],
+        "P1_steady": r["ours"]["steady_batch_s"] / r["floor"]["batch_median_s"],
         "P6": (r["ours"]["peak_gib"] / r["floor"]["peak_gib"]) if r["floor"].get("peak_gib") else None,
     }
+    if "reference" not in r:  # --no-reference
+        return out
+    ours_total = r["ours"]["collect_median_s"] + r["ours"]["amax_median_s"]
+    ref_total = r["reference"]["collect_median_s"] + r["reference"]["amax_s"]
+    out["P2"] = ref_total / ours_total
+    out["P3"] = r["reference"]["amax_s"] / r["ours"]["amax_median_s"]
     # The same totals for a 300-batch calibration, from the measured per-batch times.
     n = 300
     out["P2_at_300_batches"] = (n * r["reference"]["batch_median_s"] + r["reference"]["amax_s"]) / (
@@ -681,7 +755,7 @@ def num(value: float | None, spec: str = ".2f") -> str:
 
 
 def table(r: dict) -> str:
-    f, o, ref = r["floor"], r["ours"], r["reference"]
+    f, o, ref = r["floor"], r["ours"], r.get("reference")
     n = r["batches"]
 
     def gib(v: float | None) -> str:
@@ -693,16 +767,19 @@ def table(r: dict) -> str:
         f"{'-':>9s} {'-':>9s} {gib(f.get('peak_gib')):>9s}",
         f"{'ours collect + amax':22s} {1000 * o['batch_median_s']:12.1f} {o['collect_median_s']:12.3f} "
         f"{o['amax_median_s']:9.3f} {o['collect_median_s'] + o['amax_median_s']:9.3f} {gib(o.get('peak_gib')):>9s}",
-        f"{'reference loop':22s} {1000 * ref['batch_median_s']:12.1f} {ref['collect_median_s']:12.3f} "
-        f"{ref['amax_s']:9.3f} {ref['collect_median_s'] + ref['amax_s']:9.3f} {gib(ref.get('peak_gib')):>9s}",
+        f"{'ours after batch 1':22s} {1000 * o['steady_batch_s']:12.1f} {'-':>12s} {'-':>9s} {'-':>9s} {'-':>9s}",
     ]
-    detail = ref["amax_detail"]
-    if detail["estimated_quantizers"]:
+    if ref is not None:
         lines.append(
-            f"  (reference amax: {detail['measured_quantizers']} histogram quantizers measured in "
-            f"{detail['measured_s']:.1f} s (the largest among them), the other {detail['estimated_quantizers']} "
-            f"estimated at the measured cost per candidate bin: {detail['estimated_s']:.1f} s)"
-        )
+            f"{'reference loop':22s} {1000 * ref['batch_median_s']:12.1f} {ref['collect_median_s']:12.3f} "
+            f"{ref['amax_s']:9.3f} {ref['collect_median_s'] + ref['amax_s']:9.3f} {gib(ref.get('peak_gib')):>9s}")
+        detail = ref["amax_detail"]
+        if detail["estimated_quantizers"]:
+            lines.append(
+                f"  (reference amax: {detail['measured_quantizers']} histogram quantizers measured in "
+                f"{detail['measured_s']:.1f} s (the largest among them), the other {detail['estimated_quantizers']} "
+                f"estimated at the measured cost per candidate bin: {detail['estimated_s']:.1f} s)"
+            )
     lines.append("")
     rat, met = r["ratios"], r["goals_met"]
     for key, (op, goal) in GOALS.items():
@@ -710,33 +787,47 @@ def table(r: dict) -> str:
         shown = "-" if value is None else f"{value:.3f}"
         verdict = "-" if met[key] is None else ("met" if met[key] else "NOT met")
         lines.append(f"{key} = {shown:>9s}   goal {op} {goal:<5}  {verdict}")
-    lines.append(f"P2 at 300 batches (from per-batch times) = {rat['P2_at_300_batches']:.2f}; "
-                 f"reference batch / ours batch = {rat['reference_batch_over_ours_batch']:.2f}")
-    lines.append(f"counting only the measured part of the reference amax: P2 >= {rat['P2_lower_bound']:.1f}, "
-                 f"P3 >= {rat['P3_lower_bound']:.1f}")
-    ag, qc, same = r["agreement"], r["quantizers"], r["reference"]["same_histograms"]
+    lines.append(f"P1 after the first batch (a {2 * n}-batch collect minus a {n}-batch one) = {rat['P1_steady']:.3f}")
+    ab = o.get("ablation")
+    if ab:
+        lines.append(
+            f"  after the first batch, per batch: floor {1000 * f['batch_median_s']:.1f} ms, quantized model with "
+            f"quantizers off {1000 * ab['quantizers_off_batch_s']:.1f} ms, our collect without the counting kernel "
+            f"{1000 * ab['collect_no_count_batch_s']:.1f} ms, ours {1000 * o['steady_batch_s']:.1f} ms")
+    if ref is not None:
+        lines.append(f"P2 at 300 batches (from per-batch times) = {rat['P2_at_300_batches']:.2f}; "
+                     f"reference batch / ours batch = {rat['reference_batch_over_ours_batch']:.2f}")
+        lines.append(f"counting only the measured part of the reference amax: P2 >= {rat['P2_lower_bound']:.1f}, "
+                     f"P3 >= {rat['P3_lower_bound']:.1f}")
+    qc = r["quantizers"]
     lines += [
         "",
         f"quantizers: {qc['distinct']} distinct ({qc['histogram']} histogram, {qc['max']} max), "
         f"{qc['disabled_after_default_exclusions']} disabled after the default exclusions",
-        f"amax ours vs reference: max rel diff {ag['histogram_max_rel_diff']:.3g} (histogram), "
-        f"{ag['max_max_rel_diff']:.3g} (max); {ag['histogram_beyond_one_bin']} of {ag['histogram_quantizers']} "
-        f"histogram quantizers differ by more than one bin width; {ag['histogram_identical_amax']} identical",
     ]
-    si, rr = r["ours"]["same_input"], r["reference"]["run_to_run"]
+    if ref is not None:
+        ag = r["agreement"]
+        lines.append(
+            f"amax ours vs reference: max rel diff {ag['histogram_max_rel_diff']:.3g} (histogram), "
+            f"{ag['max_max_rel_diff']:.3g} (max); {ag['histogram_beyond_one_bin']} of {ag['histogram_quantizers']} "
+            f"histogram quantizers differ by more than one bin width; {ag['histogram_identical_amax']} identical")
+    si = r["ours"]["same_input"]
     lines.append(
         f"same input tensors, ours vs pytorch-quantization: {si['amax_beyond_one_bin']} of "
         f"{si['histogram_quantizers']} MSE amax differ by more than one bin (max {num(si['amax_max_diff_in_bins'])} bins, "
         f"{si['amax_identical']} identical), bin counts equal for {si['same_bin_count']}, max share of counts moved "
         f"{num(si['counts_moved_max_share'], '.2g')}; max quantizers equal {si['max_quantizers_equal']}/{si['max_quantizers']}"
     )
-    lines.append(
-        f"reference against itself (two runs of its loop): {rr['amax_beyond_one_bin']} of {rr['histogram_quantizers']} "
-        f"MSE amax differ by more than one bin (max {num(rr['amax_max_diff_in_bins'])} bins)"
-    )
+    if ref is not None:
+        rr = ref["run_to_run"]
+        lines.append(
+            f"reference against itself (two runs of its loop): {rr['amax_beyond_one_bin']} of {rr['histogram_quantizers']} "
+            f"MSE amax differ by more than one bin (max {num(rr['amax_max_diff_in_bins'])} bins)"
+        )
     if "torch_ops_batch_s" in r["ours"]:
         lines.append(f"ours with torch ops instead of the CUDA kernel: {1000 * r['ours']['torch_ops_batch_s']:.1f} ms "
                      f"per batch (P1 would be {r['ours']['torch_ops_batch_s'] / f['batch_median_s']:.2f})")
+    same = ref["same_histograms"] if ref is not None else {"quantizers": 0}
     if same["quantizers"]:
         lines.append(
             f"amax maths on the same (reference) histograms, {same['quantizers']} quantizers: ours "
@@ -772,12 +863,13 @@ def measure(build: Builder, batches: list, device: torch.device, a: argparse.Nam
     ours_model.cpu()
     free(device)
     print(f"ours done ({time.perf_counter() - t_all:.0f} s)", flush=True)
-    ref, ref_model = reference_phase(build, batches, device, a)
-    ref_amax = ref.pop("amax")
-    r["reference"] = ref
-    save(r)
-    print(f"reference done ({time.perf_counter() - t_all:.0f} s)", flush=True)
-    r["agreement"] = agreement(ours_model, ref_model, ours_amax, ref_amax)
+    if a.reference:
+        ref, ref_model = reference_phase(build, batches, device, a)
+        ref_amax = ref.pop("amax")
+        r["reference"] = ref
+        save(r)
+        print(f"reference done ({time.perf_counter() - t_all:.0f} s)", flush=True)
+        r["agreement"] = agreement(ours_model, ref_model, ours_amax, ref_amax)
     r["quantizers"] = quantizer_counts(ours_model, exclude)
     r["ratios"] = ratios(r)
     r["goals_met"] = verdicts(r["ratios"])
@@ -787,9 +879,9 @@ def measure(build: Builder, batches: list, device: torch.device, a: argparse.Nam
 
 
 def print_profiles(r: dict) -> None:
-    for phase, key in (("floor", "profile"), ("ours", "profile"), ("ours", "torch_ops_profile"),
-                       ("reference", "profile")):
-        prof = r[phase].get(key)
+    for phase, key in (("floor", "profile"), ("ours", "profile"), ("ours", "profile_steady"),
+                       ("ours", "torch_ops_profile"), ("reference", "profile")):
+        prof = r.get(phase, {}).get(key)
         if prof:
             print(f"\nprofile {phase} ({key}): wall {prof['wall_ms_per_batch']} ms/batch, kernels {prof['kernel_ms_per_batch']} "
                   f"ms/batch, {prof['kernel_launches_per_batch']} launches/batch, "
@@ -812,6 +904,8 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
                          "(default 150, small: 20)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--no-reference", dest="reference", action="store_false",
+                    help="skip the reference loop (P2, P3 and the agreement with it): floor and ours only")
     ap.add_argument("--out", type=Path, default=Path("bench-calibration"))
     a = ap.parse_args(argv)
     a.batches = a.batches or (3 if a.small else 8)

@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     shapes = [  # local bins, copies, threads, blocks per SM
         (4096, 2, 1024, 1), (4096, 1, 1024, 1), (2048, 4, 1024, 1), (4096, 1, 512, 2), (4096, 2, 512, 2),
+        (4096, 2, 1024, 2), (4096, 2, 512, 4), (2048, 2, 512, 4), (4096, 2, 256, 8),
     ]
     for local_bins, copies, threads, per_sm in shapes:
         def launch(x: torch.Tensor, s: torch.Tensor, g: torch.Tensor, local_bins: int = local_bins,

@@ -9,8 +9,9 @@ The pipeline's own stage functions, in one process, under ``BEVFUSION_PTQ_HOME``
 fresh temporary directory): statistics are collected once, then
 
 1. every single method (mse, entropy, percentile 99.9 / 99.99 / 99.999, max) and ``auto``
-   go through compute-amax (timed: the warm method change, no collection), and the
-   fidelity report compares each with FP32 on the held-out batches (default exclusions);
+   go through compute-amax (timed: the warm method change, no collection); the fidelity
+   report compares each with FP32 on the held-out batches, and the evaluate stage scores
+   each with nuScenes mAP/NDS on the val keyframes (default exclusions);
 2. ``auto`` against each single method: quantizer wins, and the fidelity deltas;
 3. the reference's two exclusions are measured with the sensitivity metric; that drop is
    the target for which the sensitivity stage proposes its own list (timed: the analysis);
@@ -32,12 +33,14 @@ from pathlib import Path
 import torch
 
 from bevfusion_ptq import pipeline
+from bevfusion_ptq.data.batch import move_batch
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline.amax_stage import calibrated_model
 from bevfusion_ptq.pipeline.heldout import heldout_set
+from bevfusion_ptq.pipeline.sensitivity_stage import make_metric
 from bevfusion_ptq.quant.fidelity import fidelity_report
 from bevfusion_ptq.quant.rules import DEFAULT_EXCLUDE
-from bevfusion_ptq.quant.sensitivity import FidelityMetric, measure_exclusions
+from bevfusion_ptq.quant.sensitivity import measure_exclusions
 from bevfusion_ptq.workdir import load_model
 
 METHODS: tuple[tuple[str, float], ...] = (
@@ -64,7 +67,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--heldout-batches", type=int, default=2)
-    ap.add_argument("--metric", default="decoder_out", choices=["decoder_out", "heatmap"])
+    ap.add_argument("--metric", default="decoder_out", choices=["decoder_out", "heatmap", "nds", "map"],
+                    help="the sensitivity analysis' metric")
+    ap.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                    help="skip nuScenes mAP/NDS of each method (the val split's evaluation)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/sensitivity"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -99,13 +105,25 @@ def main() -> None:
         fid = fidelity_report(model, heldout, num_batches=len(heldout))
         label = _label(method, pct)
         summary = {s.name: {"cos": s.cosine_mean, "rel_l2": s.rel_l2_mean} for s in fid.stages}
+        scores = pipeline.evaluate_stage(params, calibrated, data).summary if args.evaluate else {}
+        if scores:
+            fp32 = scores["fp32"]
+            report["fp32"] = {"mean_ap": fp32["mean_ap"], "nd_score": fp32["nd_score"], "samples": scores["samples"]}
         methods[label] = {"compute_amax_seconds": round(seconds, 3), "stages": summary,
-                          "box_agreement": fid.boxes.agreement if fid.boxes else None}
-        rows.append([label, f"{seconds:.2f}", summary["decoder_out"]["rel_l2"], summary["decoder_out"]["cos"],
+                          "box_agreement": fid.boxes.agreement if fid.boxes else None,
+                          "int8": {k: scores["int8"][k] for k in ("mean_ap", "nd_score")} if scores else None}
+        rows.append([label, f"{seconds:.2f}",
+                     f"{100 * scores['int8']['mean_ap']:.2f}" if scores else "n/a",
+                     f"{100 * scores['int8']['nd_score']:.2f}" if scores else "n/a",
+                     summary["decoder_out"]["rel_l2"], summary["decoder_out"]["cos"],
                      summary.get("heatmap", {}).get("rel_l2", float("nan")),
                      "n/a" if fid.boxes is None or fid.boxes.agreement is None else f"{fid.boxes.agreement:.1%}"])
     report["methods"] = methods
-    t1 = _table(["method", "compute-amax s", "decoder rel. L2", "decoder cos", "heatmap rel. L2", "box agreement"], rows)
+    t1 = _table(["method", "compute-amax s", "INT8 mAP", "INT8 NDS", "decoder rel. L2", "decoder cos",
+                 "heatmap rel. L2", "box agreement"], rows)
+    if "fp32" in report:
+        t1 += (f"\n\nFP32 on the same {report['fp32']['samples']} val keyframes: mAP {100 * report['fp32']['mean_ap']:.2f}, "
+               f"NDS {100 * report['fp32']['nd_score']:.2f}")
     _progress(args.out, report, t1)
 
     # 2. auto against each single method
@@ -130,7 +148,8 @@ def main() -> None:
 
     # 3. the reference's exclusions vs the proposal at the same target; 4. the ranking
     model = calibrated_model(base, ref, stats, data).to(device).eval()
-    metric = FidelityMetric([b for b in heldout], stage=args.metric)
+    held = heldout_set(base, data)
+    metric = make_metric(base, data, held, [move_batch(b, device) for b in heldout])
     ref_drop = measure_exclusions(model, metric, DEFAULT_EXCLUDE)
     none_drop = measure_exclusions(model, metric, (), prepared=True)
     _progress(args.out, report, f"drop with no exclusions {none_drop:.4g}, with the reference's two {ref_drop:.4g}")

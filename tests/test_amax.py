@@ -23,7 +23,16 @@ from pytorch_quantization.calib.histogram import (
 )
 
 from bevfusion_ptq.errors import CalibrationError
-from bevfusion_ptq.quant.amax import compute_amax, entropy_amax, mse_amax, percentile_amax
+from bevfusion_ptq.quant.amax import (
+    DEFAULT_CHUNK_ELEMENTS,
+    _entropy_divergences,
+    _EntropyTables,
+    _mse_errors,
+    compute_amax,
+    entropy_amax,
+    mse_amax,
+    percentile_amax,
+)
 
 
 @contextlib.contextmanager
@@ -133,6 +142,38 @@ def test_entropy_matches_on_full_size_histogram_with_stride() -> None:
     assert hist.numel() > 2048
     theirs = _compute_amax_entropy(*reference_inputs(hist, edges), 8, False, 37, 128)
     assert entropy_amax(hist, edges, stride=37).item() == theirs.item()
+
+
+def _full_search(hist: torch.Tensor, edges: torch.Tensor) -> tuple[float, float]:
+    """MSE and entropy amax from every candidate's exact row: the arithmetic without the screen."""
+    centers = (edges[1:] + edges[:-1]) / 2
+    mse_candidates = torch.arange(128, centers.numel())
+    errors = _mse_errors(centers, hist.float(), mse_candidates, 8, False, DEFAULT_CHUNK_ELEMENTS)
+    mse = centers[mse_candidates[int(torch.nonzero(errors == errors.min())[0])]]
+    tables = _EntropyTables(hist, 8, False)
+    entropy_candidates = torch.arange(128, hist.numel() + 1)
+    divergence = _entropy_divergences(tables, entropy_candidates, DEFAULT_CHUNK_ELEMENTS)
+    entropy = edges[int(entropy_candidates[int(torch.nonzero(divergence == divergence.min())[-1])])]
+    return mse.item(), entropy.item()
+
+
+@pytest.mark.parametrize("shape", ["normal", "relu", "heavy_tailed", "laplace"])
+def test_screen_keeps_the_exact_answer_on_grown_histograms(shape: str) -> None:
+    """Histograms that grew to ~10-15k bins, as wide-range activations make them: the closed-form
+    screen plus exact rows picks what the exact rows of all candidates pick."""
+    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(1)
+    draw = {
+        "normal": lambda: torch.randn(100_000, generator=gen),
+        "relu": lambda: torch.relu(torch.randn(100_000, generator=gen) - 0.5),
+        "heavy_tailed": lambda: torch.distributions.StudentT(1.5).sample((100_000,)),
+        "laplace": lambda: torch.distributions.Laplace(0.0, 1.0).sample((100_000,)),
+    }[shape]
+    hist, edges = collected(2048, [draw() * s for s in (1.0, 7.0)])
+    assert hist.numel() > 4 * 2048
+    mse, entropy = _full_search(hist, edges)
+    assert mse_amax(hist, edges).item() == mse
+    assert entropy_amax(hist, edges).item() == entropy
 
 
 def test_percentile_matches_pytorch_quantization() -> None:

@@ -351,3 +351,49 @@ def test_cuda_kernels_count_exactly_like_the_torch_ops(monkeypatch: pytest.Monke
     bad.collect(torch.tensor([1.0, 2.0], device=device))
     bad.collect(torch.tensor([1.0, float("nan")], device=device))
     assert torch.isnan(bad._nb)
+
+
+class _TwiceQuantized(torch.nn.Module):
+    """One histogram quantizer called on two tensors per batch, as a residual add does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from pytorch_quantization.nn import TensorQuantizer
+        from pytorch_quantization.tensor_quant import QuantDescriptor
+
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+        self.q = TensorQuantizer(QuantDescriptor(num_bits=8, calib_method="histogram"))
+
+    def forward(self, batch: dict) -> None:
+        self.q(batch["small"])
+        self.q(batch["large"])
+
+
+@pytest.mark.gpu
+def test_growth_within_the_first_batch_counts_like_the_torch_ops_on_cuda(monkeypatch: pytest.MonkeyPatch):
+    """One quantizer sees a range grow 100-fold within the first batch (a residual add's
+    conv output, then its identity). The kernels size the buffer before the repeated call, so
+    no batch is redone, and the counts are the torch ops'."""
+    from bevfusion_ptq.quant import histogram as H
+
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(4)
+    batches = [{"small": torch.randn(50_000, generator=gen), "large": torch.randn(50_000, generator=gen) * s}
+               for s in (100.0, 1.0)]
+    results = {}
+    for backend in ("torch", "kernels"):
+        monkeypatch.setenv(H.BACKEND_ENV, "torch" if backend == "torch" else "")
+        model = _TwiceQuantized().to(device)
+        calls = []
+
+        def forward(m: torch.nn.Module, batch: dict) -> None:
+            calls.append(1)
+            m({k: v.to(device) for k, v in batch.items()})
+
+        collect(model, batches, 2, forward=forward)
+        cal = model.q._calibrator
+        results[backend] = (len(calls), cal._num_bins, cal._calib_hist.cpu(), cal._calib_bin_edges.cpu())
+    assert results["torch"][0] == results["kernels"][0] == 2
+    assert results["kernels"][1] == results["torch"][1] > 50 * H.DEFAULT_BINS
+    assert torch.equal(results["kernels"][2], results["torch"][2])
+    assert torch.equal(results["kernels"][3], results["torch"][3])

@@ -66,6 +66,26 @@ def _finite(boxes: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return ({k: v[keep] for k, v in boxes.items()} if dropped else dict(boxes)), dropped
 
 
+def decode_batch(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    poses: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    results: dict[str, list[dict[str, Any]]],
+) -> int:
+    """Run ``model`` as its quantizers are set now on a batch already on its device; add each
+    sample's results entries to ``results``. Returns the non-finite boxes dropped."""
+    decoded = model(batch)["boxes"]
+    dropped = 0
+    for b, meta in enumerate(batch["metas"]):
+        token = str(meta["token"])
+        lidar2ego, ego2global = poses[token]
+        boxes, bad = _finite(decoded[b])
+        dropped += bad
+        results[token] = sample_results(token, boxes, lidar2ego, ego2global, class_names)
+    return dropped
+
+
 @dataclass
 class Predictions:
     """The results entries per precision and sample token, and what was dropped."""
@@ -97,18 +117,10 @@ def predict(
     with torch.no_grad():
         for batch in batches:
             batch = move_batch(batch, device)
-            decoded = {}
             for mode in PRECISIONS:
                 with precision(model, mode):
-                    decoded[mode] = model(batch)["boxes"]
-            for b, meta in enumerate(batch["metas"]):
-                token = str(meta["token"])
-                lidar2ego, ego2global = poses[token]
-                for mode in PRECISIONS:
-                    boxes, dropped = _finite(decoded[mode][b])
-                    out.nonfinite_boxes[mode] += dropped
-                    out.results[mode][token] = sample_results(token, boxes, lidar2ego, ego2global, class_names)
-                seen += 1
+                    out.nonfinite_boxes[mode] += decode_batch(model, batch, poses, class_names, out.results[mode])
+            seen += len(batch["metas"])
             if progress is not None:
                 progress(seen, total)
             now = time.perf_counter()

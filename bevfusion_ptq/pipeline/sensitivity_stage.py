@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from bevfusion_ptq.errors import ConfigError
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline.amax_stage import calibrated_model
+from bevfusion_ptq.evaluation.sensitivity_metric import SCORES
 from bevfusion_ptq.pipeline.heldout import heldout_identity, heldout_set
-from bevfusion_ptq.pipeline.inputs import resolve_device
+from bevfusion_ptq.pipeline.inputs import config_identity, resolve_device
 from bevfusion_ptq.pipeline.keys import stage_key
 from bevfusion_ptq.pipeline.refs import DatasetRef, SensitivityRef, StageRef
 from bevfusion_ptq.quant.calibrate import ProgressFn
@@ -45,10 +47,28 @@ def sensitivity_key(params: PTQParams, ref: StageRef, stats: StageRef, data: Dat
     )
 
 
-def make_metric(params: PTQParams, batches: list) -> Metric:
-    """The metric the analysis measures. The seam for an evaluation metric (nuScenes mAP/NDS
-    on the val split): return an object with the same ``prepare`` / ``drop`` methods."""
-    return FidelityMetric(batches, stage=params.sensitivity_metric)
+def make_metric(params: PTQParams, data: DatasetRef, heldout: Any, batches: list) -> Metric:
+    """The metric the analysis measures on the held-out ``batches`` (val keyframes).
+
+    ``nds`` / ``map``: the nuScenes score's drop against FP32, scored by nuscenes-devkit on
+    those keyframes (the data's tables must hold the val split). Otherwise the fidelity
+    report's relative error of ``decoder_out`` or ``heatmap``.
+    """
+    if params.sensitivity_metric not in SCORES:
+        return FidelityMetric(batches, stage=params.sensitivity_metric)
+    from bevfusion_ptq.data.infos import NUSCENES_CLASSES
+    from bevfusion_ptq.evaluation.database import open_nuscenes, resolve_version, split_for, split_sample_tokens
+    from bevfusion_ptq.evaluation.sensitivity_metric import DetectionScoreMetric
+
+    version = resolve_version(data.data_root, params.eval_version)
+    split = split_for(version, params.eval_split)
+    nusc = open_nuscenes(data.data_root, version)
+    cfg, _ = config_identity(params)
+    return DetectionScoreMetric(
+        params.sensitivity_metric, batches, nusc=nusc, split=split, split_tokens=split_sample_tokens(nusc, split),
+        poses={r.token: (r.lidar2ego, r.ego2global) for r in heldout.records},
+        class_names=tuple(cfg.get("class_names", None) or NUSCENES_CLASSES),
+    )
 
 
 def sensitivity_stage(
@@ -60,7 +80,8 @@ def sensitivity_stage(
     key = sensitivity_key(params, ref, stats, data)
     device = resolve_device(params.device)
     model = calibrated_model(params, ref, stats, data).to(device).eval()
-    batches = [move_batch(b, device) for b in heldout_set(params, data).loader(pin_memory=False)]
+    heldout = heldout_set(params, data)
+    batches = [move_batch(b, device) for b in heldout.loader(pin_memory=False)]
     groups = quantizer_groups(model, bevfusion_rules().share)
     if params.sensitivity_groups:
         patterns = tuple(params.sensitivity_groups)
@@ -74,7 +95,7 @@ def sensitivity_stage(
     target = sensitivity_target(params)
     log.info("sensitivity analysis: %d groups on %d held-out batches on %s", len(groups), len(batches), device)
     result = analyse_sensitivity(
-        model, groups, make_metric(params, batches), target=target, progress=progress, always_on=always_on
+        model, groups, make_metric(params, data, heldout, batches), target=target, progress=progress, always_on=always_on
     )
     folder = stage_dir(STAGE, key)
     folder.mkdir(parents=True, exist_ok=True)
