@@ -10,7 +10,8 @@ What is checked:
 - the config: a shipped name or a readable ``.py`` file that compiles and assigns
   ``model`` and ``data`` (or inherits them through ``_base_``);
 - the checkpoint: a readable file, or an s3:// object that exists;
-- the data root: a readable directory holding the info file;
+- the data root: a readable directory holding the info file (and, for
+  ``--sensitivity-metric nds|map``, the val info file and the nuScenes tables);
 - the output: a local directory that can be created, or an s3:// location where a probe
   object can be written and deleted (reachability, credentials and write permission at once).
 
@@ -35,6 +36,7 @@ from bevfusion_ptq.params import PTQParams
 log = logging.getLogger(__name__)
 
 INFO_NAME = "nuscenes_infos_train.pkl"  # bevfusion_ptq.data.calibration_set.DEFAULT_INFO_NAME
+VAL_INFO_NAME = "nuscenes_infos_val.pkl"  # bevfusion_ptq.pipeline.heldout.VAL_INFO_NAME
 
 
 def check_inputs(params: PTQParams, *, client: Any = None) -> None:
@@ -44,6 +46,7 @@ def check_inputs(params: PTQParams, *, client: Any = None) -> None:
         check_checkpoint(params.checkpoint, client=client)
     if params.data_root is not None:
         check_data_root(params.data_root)
+        check_score_tables(params)
     check_output(params, client=client)
 
 
@@ -112,6 +115,19 @@ def check_data_root(root: str) -> None:
     if not os.access(path, os.R_OK | os.X_OK):
         raise DatasetError(f"data root is not readable: {path}")
     _readable_file(path / INFO_NAME, "info file", DatasetError)
+
+
+def check_score_tables(params: PTQParams) -> None:
+    """``--sensitivity-metric nds|map`` scores held-out val keyframes with nuscenes-devkit: the
+    data root needs the val info file and the dataset's JSON tables. (The generated tree has both.)"""
+    if params.sensitivity_metric not in ("nds", "map"):
+        return
+    root = Path(params.data_root).expanduser()
+    why = f"--sensitivity-metric {params.sensitivity_metric} scores val keyframes with nuscenes-devkit"
+    _readable_file(root / VAL_INFO_NAME, f"val info file ({why})", DatasetError)
+    folders = [root / params.eval_version] if params.eval_version else sorted(root.glob("v1.0-*"))
+    if not any((folder / "sample.json").is_file() for folder in folders):
+        raise DatasetError(f"{why}, and {root} holds no nuScenes tables (v1.0-*/sample.json)")
 
 
 def check_output(params: PTQParams, *, client: Any = None) -> None:

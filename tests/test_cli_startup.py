@@ -75,9 +75,16 @@ def _bad_config(tmp_path: Path) -> str:
     (["--checkpoint", "/missing.pth"], 4, ["checkpoint not found: /missing.pth"]),
     (["--data-root", "/missing"], 5, ["data root not found: /missing"]),
     (["--calib-batches", "0"], 3, ["--calib-batches"]),
+    (["--data-root", "NO_TABLES", "--sensitivity-metric", "nds"], 5, ["nuscenes-devkit", "no nuScenes tables"]),
 ])
 def test_bad_input_fails_in_one_line_before_any_work(tmp_path, args, code, words):
-    args = [_bad_config(tmp_path) if a == "BROKEN" else a for a in args]
+    if "NO_TABLES" in args:  # infos for calibration and held-out batches, but no JSON tables
+        root = tmp_path / "no-tables"
+        root.mkdir()
+        for name in ("nuscenes_infos_train.pkl", "nuscenes_infos_val.pkl"):
+            (root / name).write_bytes(b"")
+    args = [_bad_config(tmp_path) if a == "BROKEN" else str(tmp_path / "no-tables") if a == "NO_TABLES" else a
+            for a in args]
     proc = _cli(tmp_path, "run", *args)
     got, heavy, lines = _outcome(proc)
     assert got == code, proc.stderr
