@@ -13,9 +13,9 @@ import logging
 from typing import Any
 
 from bevfusion_ptq.errors import ConfigError
+from bevfusion_ptq.evaluation.sensitivity_metric import SCORES
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline.amax_stage import calibrated_model
-from bevfusion_ptq.evaluation.sensitivity_metric import SCORES
 from bevfusion_ptq.pipeline.heldout import heldout_identity, heldout_set
 from bevfusion_ptq.pipeline.inputs import config_identity, resolve_device
 from bevfusion_ptq.pipeline.keys import stage_key
