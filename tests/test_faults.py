@@ -153,7 +153,9 @@ def test_run_killed_mid_calibration_is_resumed_by_the_same_command(tmp_path):
     The user sees: the same command again completes, with a WARNING that it broke the dead
     run's lock and an INFO that it resumed at batch 2; nothing else to do."""
     state, out = tmp_path / "state", tmp_path / "out"
-    killed = Run(_cmd(out, "--calib-checkpoint-every", "2"), _env(state))
+    # Export and evaluation off: the fault is in calibration, and the three runs compare amax.
+    after = ("--export", "none", "--eval-samples", "0")
+    killed = Run(_cmd(out, "--calib-checkpoint-every", "2", *after), _env(state))
     killed.wait_for(r"calibration state saved after batch 2")
     children = _descendants(killed.proc.pid)
     locks = list((state / "prefect-cache" / "locks").glob("collect-statistics-*.lock"))
@@ -165,7 +167,7 @@ def test_run_killed_mid_calibration_is_resumed_by_the_same_command(tmp_path):
     assert all(p.exists() for p in locks)  # the dead run's lock is still there
 
     started = time.monotonic()
-    again = Run(_cmd(out, "--calib-checkpoint-every", "2"), _env(state))
+    again = Run(_cmd(out, "--calib-checkpoint-every", "2", *after), _env(state))
     assert again.finish() == 0, again.output[-4000:]
     recovery_s = time.monotonic() - started
     text = " ".join(again.output.split())  # Prefect's console wraps long lines
@@ -178,7 +180,7 @@ def test_run_killed_mid_calibration_is_resumed_by_the_same_command(tmp_path):
     assert not list((state / "work" / "collect_statistics").glob("*/calibration-state.pt"))
     assert not list((state / "prefect-cache" / "locks").glob("*.lock"))
 
-    fresh = Run(_cmd(tmp_path / "out-fresh"), _env(tmp_path / "state-fresh"))
+    fresh = Run(_cmd(tmp_path / "out-fresh", *after), _env(tmp_path / "state-fresh"))
     assert fresh.finish() == 0, fresh.output[-4000:]
     assert _amax(_version(out)) == _amax(_version(tmp_path / "out-fresh"))
     print(f"\nrecovery: the same command completed in {recovery_s:.0f} s")
