@@ -289,15 +289,9 @@ def ours_phase(build: Builder, batches: list, device: torch.device, a: argparse.
         "peak_gib": max(peaks) if device.type == "cuda" else None,
         "amax": {k: v.detach().cpu() for k, v in amax.items()},
     }
-    # Steady state: a calibration of 2n batches (the same batches twice) against one of n.
-    # The difference is n batches after the first, whose sizing and weight reductions a
-    # 300-batch calibration pays once; P1_steady is that per-batch time over the floor's.
-    doubled = []
-    for _ in range(max(1, a.repeats // 2)):
-        fresh_calibrators(model)
-        doubled.append(timed(device, lambda: collect(model, batches + batches, 2 * n))[0])
-    out["collect_doubled_median_s"] = statistics.median(doubled)
-    out["steady_batch_s"] = (out["collect_doubled_median_s"] - out["collect_median_s"]) / n
+    # P1_steady: the per-batch time after the first batch (whose sizing and weight reductions
+    # a 300-batch calibration pays once) over the floor's.
+    out["steady_batch_s"] = per_batch_after_first(device, batches, a, lambda bs: fresh_collect(model, bs))
     out["ablation"] = ablation(model, batches, device, a)
     if a.profile:
         fresh_calibrators(model)
@@ -329,8 +323,26 @@ def ours_phase(build: Builder, batches: list, device: torch.device, a: argparse.
     return out, model
 
 
+def fresh_collect(model: torch.nn.Module, batches: list) -> None:
+    """Our collect over ``batches`` from empty calibrators."""
+    from bevfusion_ptq.quant.calibrate import collect
+
+    fresh_calibrators(model)
+    collect(model, batches, len(batches))
+
+
+def per_batch_after_first(device: torch.device, batches: list, a: argparse.Namespace,
+                          run: Callable[[list], Any]) -> float:
+    """Seconds per batch of ``run`` after its first batch: ``run`` over the batches twice
+    minus ``run`` over them once, divided by their number (medians of ``repeats // 2``)."""
+    repeats = max(1, a.repeats // 2)
+    once = statistics.median(timed(device, lambda: run(batches))[0] for _ in range(repeats))
+    twice = statistics.median(timed(device, lambda: run(batches + batches))[0] for _ in range(repeats))
+    return (twice - once) / len(batches)
+
+
 def ablation(model: torch.nn.Module, batches: list, device: torch.device, a: argparse.Namespace) -> dict[str, float]:
-    """Where ours' time over the floor goes, per batch after the first (2n minus n batches):
+    """Where ours' time over the floor goes, per batch after the first (:func:`per_batch_after_first`):
 
     * ``quantizers_off``: the quantized model with every quantizer disabled (pass-through),
       batches moved from pinned memory as ours moves them: the quant modules' own cost;
@@ -339,15 +351,8 @@ def ablation(model: torch.nn.Module, batches: list, device: torch.device, a: arg
     * ours itself is ``steady_batch_s``.
     """
     from bevfusion_ptq.quant import histogram as hist
-    from bevfusion_ptq.quant.calibrate import collect, default_forward
+    from bevfusion_ptq.quant.calibrate import default_forward
     from bevfusion_ptq.quant.compat import iter_quantizers
-
-    n = len(batches)
-
-    def per_batch(run: Callable[[list], Any]) -> float:
-        one = statistics.median(timed(device, lambda: run(batches))[0] for _ in range(max(1, a.repeats // 2)))
-        two = statistics.median(timed(device, lambda: run(batches + batches))[0] for _ in range(max(1, a.repeats // 2)))
-        return (two - one) / n
 
     quantizers = [q for _, q in iter_quantizers(model)]
     saved = [q._disabled for q in quantizers]
@@ -355,17 +360,14 @@ def ablation(model: torch.nn.Module, batches: list, device: torch.device, a: arg
         for q in quantizers:
             q._disabled = True
         with torch.no_grad(), calibration_backends(device, benchmark=True):
-            off = per_batch(lambda bs: [default_forward(model, b) for b in bs])
+            off = per_batch_after_first(device, batches, a, lambda bs: [default_forward(model, b) for b in bs])
     finally:
         for q, was in zip(quantizers, saved):
             q._disabled = was
     launch = hist._launch_count
     hist._launch_count = lambda *args: None
     try:
-        def no_count(bs: list) -> None:
-            fresh_calibrators(model)
-            collect(model, bs, len(bs))
-        without = per_batch(no_count)
+        without = per_batch_after_first(device, batches, a, lambda bs: fresh_collect(model, bs))
     finally:
         hist._launch_count = launch
     return {"quantizers_off_batch_s": off, "collect_no_count_batch_s": without}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,27 @@ def split_sample_tokens(nusc: Any, split: str) -> list[str]:
 
     scenes = set(create_splits_scenes()[split])
     return [s["token"] for s in nusc.sample if nusc.get("scene", s["scene_token"])["name"] in scenes]
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """An opened database and the split that evaluation scores against."""
+
+    nusc: Any
+    version: str
+    split: str
+    tokens: list[str]  # every sample of the split
+
+
+def open_eval_split(dataroot: str | Path, version: str | None, split: str | None) -> EvalSplit:
+    """The version (found unless given), its validation split and the split's samples, with
+    every layout problem failing in one line before any model work."""
+    version = resolve_version(dataroot, version)
+    split = split_for(version, split)
+    nusc = open_nuscenes(dataroot, version)
+    tokens = split_sample_tokens(nusc, split)
+    if not tokens:
+        raise DatasetError(
+            f"{Path(dataroot) / version}: no samples in split {split!r} (scene names are not the devkit's)"
+        )
+    return EvalSplit(nusc, version, split, tokens)

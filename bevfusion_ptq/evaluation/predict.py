@@ -66,6 +66,18 @@ def _finite(boxes: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return ({k: v[keep] for k, v in boxes.items()} if dropped else dict(boxes)), dropped
 
 
+def record_poses(records: Iterable[Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Sample token -> ``(lidar2ego, ego2global)`` of info records, as :func:`predict` takes them."""
+    return {r.token: (r.lidar2ego, r.ego2global) for r in records}
+
+
+def class_names_of(cfg: Any) -> tuple[str, ...]:
+    """The detection classes of a config, the nuScenes ten when it names none."""
+    from bevfusion_ptq.data.infos import NUSCENES_CLASSES
+
+    return tuple(cfg.get("class_names", None) or NUSCENES_CLASSES)
+
+
 def decode_batch(
     model: nn.Module,
     batch: Mapping[str, Any],

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from bevfusion_ptq.errors import DatasetError
 from bevfusion_ptq.hashing import file_sha256
 from bevfusion_ptq.params import PTQParams
 from bevfusion_ptq.pipeline.inputs import _file_stamp, config_identity, resolve_device
@@ -73,10 +72,9 @@ def evaluate_stage(
 ) -> EvaluationRef:
     """Evaluate the calibrated model ``ref`` FP32 and INT8 on the val split of ``data``'s root."""
     from bevfusion_ptq.data import build_calibration_set, read_info_file
-    from bevfusion_ptq.data.infos import NUSCENES_CLASSES
-    from bevfusion_ptq.evaluation.database import open_nuscenes, resolve_version, split_for, split_sample_tokens
+    from bevfusion_ptq.evaluation.database import open_eval_split
     from bevfusion_ptq.evaluation.metrics import CONFIG_NAME, evaluate_detections
-    from bevfusion_ptq.evaluation.predict import PRECISIONS, predict
+    from bevfusion_ptq.evaluation.predict import PRECISIONS, class_names_of, predict, record_poses
     from bevfusion_ptq.evaluation.report import comparison_rows, json_safe
     from bevfusion_ptq.evaluation.results import results_document
 
@@ -88,12 +86,8 @@ def evaluate_stage(
     root = Path(data.data_root)
 
     # Everything that can be wrong with the data fails here, before the model is loaded.
-    version = resolve_version(root, params.eval_version)
-    split = split_for(version, params.eval_split)
-    nusc = open_nuscenes(root, version)
-    split_tokens = split_sample_tokens(nusc, split)
-    if not split_tokens:
-        raise DatasetError(f"{root / version}: no samples in split {split!r} (scene names are not the devkit's)")
+    opened = open_eval_split(root, params.eval_version, params.eval_split)
+    nusc, version, split, split_tokens = opened.nusc, opened.version, opened.split, opened.tokens
     info_path = root / VAL_INFO_NAME
     available = len(read_info_file(info_path))
     wanted = params.eval_samples or (available if data.generated else USER_TREE_DEFAULT_SAMPLES)
@@ -104,14 +98,14 @@ def evaluate_stage(
     eval_set = build_calibration_set(
         root, info_path, cfg.data, count, sampling="spread", pipeline="test", seed=params.seed
     )
-    class_names = tuple(cfg.get("class_names", None) or NUSCENES_CLASSES)
+    class_names = class_names_of(cfg)
     tokens = eval_set.tokens
     log.info("evaluating on %d of %d %s keyframes of %s (%s)", count, len(split_tokens), split, version, root)
 
     device = resolve_device(params.device)
     model = load_model(ref).to(device).eval()
     try:
-        poses = {r.token: (r.lidar2ego, r.ego2global) for r in eval_set.records}
+        poses = record_poses(eval_set.records)
         loader = eval_set.loader(pin_memory=device.type == "cuda")
         predictions = predict(model, loader, poses, class_names, total=count, progress=progress)
     finally:

@@ -56,18 +56,15 @@ def make_metric(params: PTQParams, data: DatasetRef, heldout: Any, batches: list
     """
     if params.sensitivity_metric not in SCORES:
         return FidelityMetric(batches, stage=params.sensitivity_metric)
-    from bevfusion_ptq.data.infos import NUSCENES_CLASSES
-    from bevfusion_ptq.evaluation.database import open_nuscenes, resolve_version, split_for, split_sample_tokens
+    from bevfusion_ptq.evaluation.database import open_eval_split
+    from bevfusion_ptq.evaluation.predict import class_names_of, record_poses
     from bevfusion_ptq.evaluation.sensitivity_metric import DetectionScoreMetric
 
-    version = resolve_version(data.data_root, params.eval_version)
-    split = split_for(version, params.eval_split)
-    nusc = open_nuscenes(data.data_root, version)
+    opened = open_eval_split(data.data_root, params.eval_version, params.eval_split)
     cfg, _ = config_identity(params)
     return DetectionScoreMetric(
-        params.sensitivity_metric, batches, nusc=nusc, split=split, split_tokens=split_sample_tokens(nusc, split),
-        poses={r.token: (r.lidar2ego, r.ego2global) for r in heldout.records},
-        class_names=tuple(cfg.get("class_names", None) or NUSCENES_CLASSES),
+        params.sensitivity_metric, batches, nusc=opened.nusc, split=opened.split, split_tokens=opened.tokens,
+        poses=record_poses(heldout.records), class_names=class_names_of(cfg),
     )
 
 
