@@ -9,7 +9,8 @@ times, on those same tensors, the counting step of one calibration batch:
 * ``tl.histogram``: the first counting kernel (a 256-bin ``tl.histogram`` per program,
   values further out by one atomic each), kept here for the comparison;
 * ``count_bins`` with several launch shapes: the library's CUDA kernel
-  (``bevfusion_ptq/quant/count_bins.cu``, shared-memory histogram per block);
+  (``bevfusion_ptq/quant/count_bins.cu``, shared-memory histogram per block), and once with
+  its first form's division of every value (``DIVIDE_EVERY_VALUE``);
 * ``torch.histc``: what pytorch-quantization's ``torch_hist`` collect spends in ``histc``.
 
 Every variant's counts are compared with ``torch.bincount`` of the same bins; a variant
@@ -204,21 +205,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tl.histogram block 4096 low 256 warps 8": lambda x, s, g: _tl_histogram_kernel[(triton.cdiv(x.numel(), 4096),)](
             x, x.numel(), s, g, CAPACITY, BLOCK=4096, LOW=256, num_warps=8),
     }
-    shapes = [  # local bins, copies, threads, blocks per SM
-        (4096, 2, 1024, 1), (4096, 1, 1024, 1), (2048, 4, 1024, 1), (4096, 1, 512, 2), (4096, 2, 512, 2),
-        (4096, 2, 1024, 2), (4096, 2, 512, 4), (2048, 2, 512, 4), (4096, 2, 256, 8),
+    shapes = [  # local bins, copies, threads, blocks per SM, divide every value, loads per step
+        (4096, 2, 1024, 1, True, 1), (4096, 2, 1024, 1, False, 1), (4096, 2, 1024, 1, False, 2),
+        (4096, 2, 1024, 1, False, 4), (4096, 1, 1024, 1, False, 2), (2048, 4, 1024, 1, False, 2),
+        (4096, 2, 1024, 2, False, 2), (4096, 2, 512, 2, False, 2), (4096, 2, 512, 4, False, 2),
+        (2048, 2, 512, 4, False, 2), (4096, 2, 256, 8, False, 2),
     ]
-    for local_bins, copies, threads, per_sm in shapes:
-        def launch(x: torch.Tensor, s: torch.Tensor, g: torch.Tensor, local_bins: int = local_bins,
-                   copies: int = copies, threads: int = threads, per_sm: int = per_sm) -> None:
-            hist.LOCAL_BINS, hist.LOCAL_COPIES = local_bins, copies
-            hist.COUNT_THREADS, hist.COUNT_BLOCKS_PER_SM = threads, per_sm
+    defaults = (hist.LOCAL_BINS, hist.LOCAL_COPIES, hist.COUNT_THREADS, hist.COUNT_BLOCKS_PER_SM,
+                hist.DIVIDE_EVERY_VALUE, hist.LOADS_PER_STEP)
+
+    def configure(local_bins: int, copies: int, threads: int, per_sm: int, divide: bool, loads: int) -> None:
+        (hist.LOCAL_BINS, hist.LOCAL_COPIES, hist.COUNT_THREADS, hist.COUNT_BLOCKS_PER_SM,
+         hist.DIVIDE_EVERY_VALUE, hist.LOADS_PER_STEP) = local_bins, copies, threads, per_sm, divide, loads
+
+    for shape in shapes:
+        def launch(x: torch.Tensor, s: torch.Tensor, g: torch.Tensor, shape: tuple = shape) -> None:
+            configure(*shape)
             hist._launch_count(x, s, g, CAPACITY)
-        hist.LOCAL_BINS, hist.LOCAL_COPIES = local_bins, copies
+        configure(*shape)
         if not hist._kernels_work(device):
-            log.warning("count_bins %s failed its self-check", (local_bins, copies))
-        variants[f"count_bins local {local_bins}x{copies} threads {threads} blocks/SM {per_sm}"] = (
-            launch, {"local_bins": local_bins, "local_copies": copies, "threads": threads, "blocks_per_sm": per_sm})
+            log.warning("count_bins %s failed its self-check", shape)
+        local_bins, copies, threads, per_sm, divide, loads = shape
+        name = (f"count_bins local {local_bins}x{copies} threads {threads} blocks/SM {per_sm} loads {loads}"
+                + (" dividing every value" if divide else ""))
+        variants[name] = (launch, {"local_bins": local_bins, "local_copies": copies, "threads": threads,
+                                   "blocks_per_sm": per_sm, "divide_every_value": divide, "loads_per_step": loads})
+    configure(*defaults)
 
     rows: list[dict[str, Any]] = []
     for name, spec in variants.items():

@@ -9,8 +9,18 @@
 // Why shared memory: a block counts the lowest LOCAL_BINS bins in its own shared-memory
 // histogram, where an atomic costs a few cycles, and adds it to `grid` once at the end.
 // Activations put nearly all their mass in those bins; a value further out takes one global
-// atomic. The zeros of a ReLU output all land in bin 0, so a warp counts its bin-0 values
-// with one ballot and one atomic instead of up to 32 colliding ones.
+// atomic. The zeros of a ReLU output all land in bin 0, so each thread counts its bin-0 values
+// in a register and adds them to the block's histogram once at the end.
+//
+// Why no division per value: IEEE division is a dozen instructions, and the kernel is
+// bound by its instructions, not by memory. A value's bin is floor(|x| * (1/w)) instead,
+// which can differ from floor(|x| / w) only when the product lies within 2^-22 of an
+// integer, relative to its size (the reciprocal and the product each round once, by at most
+// 2^-24 relative, and |x| / w rounds once more). Such a value, and any value at or past `capacity` or
+// non-finite, takes the exact division, so every bin is the one IEEE division gives. The
+// running max is kept in |x| and divided once per block: division by w > 0 is monotonic,
+// so the max of the quotients is the quotient of the max. DIVIDE_EVERY_VALUE restores the
+// earlier kernel's division of every value (bench/histogram_kernels.py compares the two).
 
 #ifndef LOCAL_BINS
 #define LOCAL_BINS 4096
@@ -21,6 +31,10 @@
 // H200: 10.7 ms per R50 batch against 5.5 ms.)
 #ifndef LOCAL_COPIES
 #define LOCAL_COPIES 2
+#endif
+// 16-byte loads a thread issues before counting them.
+#ifndef LOADS_PER_STEP
+#define LOADS_PER_STEP 1
 #endif
 
 // After a count: nb = max(nb, ceil(running max)), NaN once a non-finite value was seen, and a
@@ -43,6 +57,45 @@ __device__ void finish(float* grid, float* state, int capacity) {
     }
 }
 
+// Margin of the product path, relative to the product: twice the worst-case distance
+// (3 roundings of 2^-24) between floor's argument here and IEEE division's quotient.
+#define EDGE_MARGIN 4.76837158203125e-07f  // 2^-21
+
+// Count one value: bin floor(|x| / w) into the block's histogram (bin 0 into `zeros`, bins
+// past the shared-memory ones into `grid`), |x| into the running max when its quotient is
+// finite, and `bad` when it is not.
+__device__ __forceinline__ void count_value(float value, float width, float inverse, float limit,
+                                            int local_bins, unsigned int* mine, float* grid,
+                                            float& top, bool& bad, unsigned int& zeros) {
+    const float a = fabsf(value);
+    int bin;
+#ifndef DIVIDE_EVERY_VALUE
+    const float q = a * inverse;
+    const float k = floorf(q);
+    const float f = q - k;  // exact: k <= q < k + 1
+    const float margin = q * EDGE_MARGIN;
+    if (q < limit && f >= margin && f <= 1.0f - margin) {  // false for NaN and inf
+        bin = (int)k;
+    } else
+#endif
+    {
+        const float t = __fdiv_rn(a, width);
+        if (!(t - t == 0.0f)) {  // inf or NaN
+            bad = true;
+            return;
+        }
+        if (!(t < limit)) {  // past the buffer: not counted (the caller sized it), but in the max
+            top = fmaxf(top, a);
+            return;
+        }
+        bin = (int)t;
+    }
+    top = fmaxf(top, a);
+    if (bin == 0) ++zeros;
+    else if (bin < local_bins) atomicAdd(&mine[bin], 1u);
+    else atomicAdd(&grid[bin], 1.0f);
+}
+
 // One launch per collect: the last block to finish (a ticket counter in state[4], the usual
 // threadfence pattern) runs `finish`, when `last_piece` says that no launch follows for
 // this tensor. One launch instead of two halves the host's launch work, which is what
@@ -59,51 +112,45 @@ extern "C" __global__ void count_bins(const float* __restrict__ x, int n, float*
     __syncthreads();
 
     const float width = state[0];
+    const float inverse = __frcp_rn(width);
     const float limit = (float)capacity;
     const int local_bins = LOCAL_BINS < capacity ? LOCAL_BINS : capacity;
     const int lane = threadIdx.x & 31;
-    float top = 0.0f;
+    float top = 0.0f;  // max |x| (not |x| / w) of the values with a finite quotient
     bool bad = false;
+    unsigned int zeros = 0u;
 
-    // Four values per thread and step (16-byte loads; the caller passes an aligned x), in a
-    // loop whose trip count is the same for the 32 lanes of a warp, so the ballot sees them all.
+    // LOADS_PER_STEP x four values per thread and step: 16-byte loads (the caller passes an
+    // aligned x), all issued before any is counted, so more reads are in flight.
     const int n4 = n >> 2;
     const float4* x4 = reinterpret_cast<const float4*>(x);
     const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i - lane < n4; i += stride) {
-        const bool inside = i < n4;
-        float4 v = inside ? x4[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        float vals[4] = {v.x, v.y, v.z, v.w};
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += LOADS_PER_STEP * stride) {
+        float4 v[LOADS_PER_STEP];
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const float t = __fdiv_rn(fabsf(vals[k]), width);
-            const bool finite = inside && (t - t == 0.0f);
-            bad |= inside && !finite;
-            top = finite ? fmaxf(top, t) : top;
-            const int bin = (finite && t < limit) ? (int)t : -1;
-            const unsigned int zeros = __ballot_sync(0xffffffffu, bin == 0);
-            if (lane == 0 && zeros) atomicAdd(&mine[0], (unsigned int)__popc(zeros));
-            if (bin > 0) {
-                if (bin < local_bins) atomicAdd(&mine[bin], 1u);
-                else atomicAdd(&grid[bin], 1.0f);
+        for (int j = 0; j < LOADS_PER_STEP; ++j) {
+            v[j] = i + j * stride < n4 ? x4[i + j * stride] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int j = 0; j < LOADS_PER_STEP; ++j) {
+            if (i + j * stride < n4) {
+                count_value(v[j].x, width, inverse, limit, local_bins, mine, grid, top, bad, zeros);
+                count_value(v[j].y, width, inverse, limit, local_bins, mine, grid, top, bad, zeros);
+                count_value(v[j].z, width, inverse, limit, local_bins, mine, grid, top, bad, zeros);
+                count_value(v[j].w, width, inverse, limit, local_bins, mine, grid, top, bad, zeros);
             }
         }
     }
     // The last n % 4 values: block 0 only.
     if (blockIdx.x == 0 && threadIdx.x < (n & 3)) {
-        const float t = __fdiv_rn(fabsf(x[(n & ~3) + threadIdx.x]), width);
-        const bool finite = t - t == 0.0f;
-        bad |= !finite;
-        top = finite ? fmaxf(top, t) : top;
-        if (finite && t < limit) {
-            const int bin = (int)t;
-            if (bin < local_bins) atomicAdd(&mine[bin], 1u);
-            else atomicAdd(&grid[bin], 1.0f);
-        }
+        count_value(x[(n & ~3) + threadIdx.x], width, inverse, limit, local_bins, mine, grid, top, bad, zeros);
     }
+    // A warp's bin-0 count: one shared atomic.
+    for (int offset = 16; offset > 0; offset >>= 1) zeros += __shfl_down_sync(0xffffffffu, zeros, offset);
+    if (lane == 0 && zeros) atomicAdd(&mine[0], zeros);
 
-    // Block max of |x| / w and the non-finite flag, then one atomic each. The max is of
-    // non-negative floats, whose bit patterns order as integers.
+    // Block max of |x|, then of |x| / w (one division), and the non-finite flag, then one
+    // atomic each. The max is of non-negative floats, whose bit patterns order as integers.
     for (int offset = 16; offset > 0; offset >>= 1) top = fmaxf(top, __shfl_down_sync(0xffffffffu, top, offset));
     if (lane == 0) block_top[threadIdx.x >> 5] = top;
     if (bad) block_bad = 1u;
@@ -113,6 +160,7 @@ extern "C" __global__ void count_bins(const float* __restrict__ x, int n, float*
         float m = threadIdx.x < warps ? block_top[threadIdx.x] : 0.0f;
         for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_down_sync(0xffffffffu, m, offset));
         if (threadIdx.x == 0) {
+            m = __fdiv_rn(m, width);
             block_top[0] = m;
             atomicMax(reinterpret_cast<int*>(state + 2), __float_as_int(m));
             if (block_bad) atomicMax(reinterpret_cast<int*>(state + 3), __float_as_int(1.0f));

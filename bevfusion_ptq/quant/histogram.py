@@ -32,14 +32,17 @@ How, with no per-call sync:
   of ``C`` bins on the device (its capacity).
 * On CUDA, one launch of ``count_bins.cu`` (compiled at first use with NVRTC, which ships
   with CUDA builds of torch) does a call. It reads ``x`` once and bins ``floor(|x| / w)``
-  with IEEE division, as torch divides. Each block counts the lowest 4096 bins in shared
-  memory (two copies, so fewer warps collide), where nearly all of an activation's mass
-  lies, and a warp counts its bin-0 values (a ReLU output's zeros) with one ballot; values further out take one global
-  atomic each. The kernel also keeps a running max of ``|x| / w`` and a non-finite flag,
-  and its last block sets ``nb = max(nb, ceil(max))`` and moves a value lying exactly on
-  the new top edge to bin ``nb - 1``. On an H200, counting one R50 batch (135 tensors,
-  1.22 billion values) takes 5.5 ms this way, against 123 ms in ``torch.histc`` and 61 ms in
-  Triton's ``tl.histogram`` (``bench/histogram_kernels.py``). The kernel is checked on
+  as IEEE division gives it, as torch divides: it multiplies by ``1 / w`` and divides only
+  the rare values whose product lies too close to a bin edge to be sure (the kernel's
+  comment has the bound). Each block counts the lowest 4096 bins in shared memory (two
+  copies, so fewer warps collide), where nearly all of an activation's mass lies; each thread
+  counts its bin-0 values (a ReLU output's zeros) in a register, and values further out take
+  one global atomic each. The kernel also keeps a running max of ``|x| / w`` and a
+  non-finite flag, and its last block sets ``nb = max(nb, ceil(max))`` and moves a value
+  lying exactly on the new top edge to bin ``nb - 1``. On an H200, counting one R50 batch
+  (135 tensors, 1.22 billion values) takes 2.8 ms this way (5.0 ms dividing every value),
+  against 78 ms in ``torch.histc`` and 59 ms in Triton's ``tl.histogram``
+  (``bench/histogram_kernels.py``). The kernel is checked on
   known cases at first use; a failure logs a warning and selects the torch ops.
 * Elsewhere (CPU, or ``BEVFUSION_PTQ_HISTOGRAM=torch``) the same bins come from torch ops:
   ``abs``, one division, ``amax``, a clamp to ``nb - 0.5`` and ``histc(t, C, 0, C)``. ``C``
@@ -54,14 +57,13 @@ How, with no per-call sync:
   non-finite for good, so the read names the quantizer (the first in call order) and the
   batch, before the caller can save a poisoned state. It also grows buffers that are half
   full.
-* Buffer sizes are settled in a calibrator's first batch, which checks ``nb`` before every
-  repeated call (a sync per repeated call, that batch only): some ranges grow far within a
-  batch, e.g. a residual add quantizes a small conv output and then the large identity with
-  one quantizer (on bevfusion-r50 a lidar add grows more than 36-fold, and a batch redone
-  for it costs a whole forward, far more than these syncs). If a later batch still grows a
-  range past its buffer, the session restores those calibrators from the device copy taken
-  before the batch, enlarges their buffers and runs the batch again for them alone. The
-  result is exact.
+* Some ranges grow far within a batch: a residual add quantizes a small conv output and
+  then the large identity with one quantizer (on bevfusion-r50 a lidar add grows 36-fold).
+  So a calibrator called again within its first batch enlarges its buffer to hold
+  :data:`FIRST_BATCH_GROWTH`-fold growth, without asking the device. After that a buffer
+  grows whenever the per-batch read finds it half full. If a batch still grows a range past
+  its buffer, the session restores those calibrators from the device copy taken before the
+  batch, enlarges their buffers and runs the batch again for them alone. The result is exact.
 * A weight quantizer sees the same parameter on every batch. Its max calibrator skips a
   tensor that it has already seen: the same object, the same version counter and the same
   storage. Max is idempotent, so the amax is unchanged.
@@ -80,7 +82,7 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +108,12 @@ CHUNK_ELEMENTS = 1 << 24
 #: pytorch-quantization's bin count for activation histograms (TensorQuantizer's default).
 DEFAULT_BINS = 2048
 
+#: Growth of a histogram's range that its buffer holds, within a collect session, from its
+#: second call in its first batch on, without a sync (on bevfusion-r50 a lidar residual add
+#: grows 36-fold in its first batch). 1 MiB per histogram that is called more than once per
+#: batch; one that grows further costs that batch again (see CollectSession).
+FIRST_BATCH_GROWTH = 64
+
 #: Device scalars per calibrator: [bin width, nb, running max of |x| / width, non-finite seen,
 #: the CUDA kernel's count of finished blocks (zero between launches)].
 STATE_WIDTH = 5
@@ -127,6 +135,12 @@ LOCAL_BINS = 4096
 LOCAL_COPIES = 2
 #: Largest piece handed to one launch: the kernel indexes values with a 32-bit int.
 LAUNCH_ELEMENTS = 1 << 30
+#: Divide every value by the bin width, as the first version of count_bins.cu did, instead
+#: of multiplying by its reciprocal with an exact division near bin edges (same bins; the
+#: benchmark compares the two).
+DIVIDE_EVERY_VALUE = False
+#: 16-byte loads a thread issues before counting them (more reads in flight).
+LOADS_PER_STEP = 4
 
 
 class _CountKernel:
@@ -145,8 +159,11 @@ class _CountKernel:
         source = resources.files(__package__).joinpath("count_bins.cu").read_text()
         self.index = device.index
         with torch.cuda.device(device):
-            compiled = torch.cuda._compile_kernel(source, "count_bins", nvcc_options=[
-                f"-DLOCAL_BINS={LOCAL_BINS}", f"-DLOCAL_COPIES={LOCAL_COPIES}"])
+            options = [f"-DLOCAL_BINS={LOCAL_BINS}", f"-DLOCAL_COPIES={LOCAL_COPIES}",
+                       f"-DLOADS_PER_STEP={LOADS_PER_STEP}"]
+            if DIVIDE_EVERY_VALUE:
+                options.append("-DDIVIDE_EVERY_VALUE")
+            compiled = torch.cuda._compile_kernel(source, "count_bins", nvcc_options=options)
             self.multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
         self._func = ctypes.c_void_p(compiled.func.value)
         self._keep = compiled  # owns the loaded module
@@ -190,7 +207,7 @@ _KERNELS: dict[tuple[int, ...], _CountKernel | None] = {}
 
 
 def _kernel_key(index: int) -> tuple[int, ...]:
-    return (index, LOCAL_BINS, LOCAL_COPIES)
+    return (index, LOCAL_BINS, LOCAL_COPIES, LOADS_PER_STEP, int(DIVIDE_EVERY_VALUE))
 
 
 def _launch_count(flat: Tensor, state: Tensor, grid: Tensor, capacity: int) -> None:
@@ -305,7 +322,7 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
         self._nb: Tensor | None = None
         self._slot: Tensor | None = None  # a session's row for the scalars, if bound
         self._ready = False  # saw a tensor (host-side flag: no sync to know it)
-        self._sizing = True  # check the buffer size on every call (until a session clears it)
+        self._sizing = True  # in its first batch: make room before a repeated call (see _collect_kernels)
         self._capacity = 0
         self._min_capacity = 0
         self.order: int | None = None  # first-call position within a batch (session sets it)
@@ -315,9 +332,9 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
                          skip_zeros=skip_zeros, torch_hist=torch_hist)
 
     # --------------------------------------------------------- the library's attributes
-    def _library_form(self) -> dict[str, Any]:
+    def _library_form(self, scalars: Sequence[float] | None = None) -> dict[str, Any]:
         if not self._lib_valid:
-            self._lib = self._materialize()
+            self._lib = self._materialize(scalars)
             self._lib_valid = True
         return self._lib
 
@@ -369,9 +386,13 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
             new._lib = {"hist": hist, "edges": edges, "num_bins": int(other._num_bins)}
         return new
 
-    def to_library(self) -> calib.HistogramCalibrator:
-        """A plain pytorch-quantization calibrator with these statistics (one sync)."""
-        lib = self._library_form()
+    def to_library(self, scalars: Sequence[float] | None = None) -> calib.HistogramCalibrator:
+        """A plain pytorch-quantization calibrator with these statistics.
+
+        ``scalars`` are the current [bin width, nb] when the caller already read them (a
+        session reads all calibrators' at once); otherwise they are read here (one sync).
+        """
+        lib = self._library_form(scalars)
         plain = calib.HistogramCalibrator(self._num_bits, self._axis, self._unsigned,
                                           num_bins=self._first_bins, skip_zeros=self._skip_zeros,
                                           torch_hist=self._torch_hist)
@@ -379,11 +400,11 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
         plain._first_bins = self._first_bins  # lets a later conversion pick the same edge form
         return plain
 
-    def _materialize(self) -> dict[str, Any]:
-        """The library's form of the device statistics (one sync)."""
+    def _materialize(self, scalars: Sequence[float] | None = None) -> dict[str, Any]:
+        """The library's form of the device statistics (one sync unless ``scalars`` are given)."""
         if not self._ready:
             return {"hist": None, "edges": None, "num_bins": self._first_bins}
-        width_value, nb_value = self._scalars[:2].tolist()
+        width_value, nb_value = self._scalars[:2].tolist() if scalars is None else scalars[:2]
         if not (math.isfinite(width_value) and math.isfinite(nb_value)) or width_value <= 0:
             raise CalibrationError(
                 "histogram statistics are unusable (non-finite activations, or only zeros in the first "
@@ -497,19 +518,31 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
         else:
             self._collect_torch(x)
 
+    def _make_room(self, bins: Callable[[], Tensor]) -> None:
+        """Before a repeated call in the calibrator's first batch, enlarge its buffer.
+
+        In a session: to hold FIRST_BATCH_GROWTH-fold growth, without asking the device; the
+        session's end_batch redoes the batch for a calibrator that outgrew even that. Alone
+        (nothing would redo a batch): to the ``bins()`` the call needs, read with a sync.
+        """
+        if self.session is not None:
+            self.grow(capacity_for(FIRST_BATCH_GROWTH * self._first_bins))
+            return
+        needed = float(bins())
+        if math.isfinite(needed) and needed > self._capacity:
+            self.grow(capacity_for(int(needed)))
+
     def _collect_kernels(self, x: Tensor) -> None:
         """One launch of count_bins.cu: it reads ``x`` once, counts it, then updates nb and folds the top edge."""
-        if not self._ready or self._sizing:
+        if not self._ready:
             top = torch.linalg.vector_norm(x, float("inf")).float()  # max |x|, no temporary
-            if not self._ready:
-                torch.div(top, self._first_bins, out=self._width)
-                torch.div(top, self._width, out=self._nb)  # num_bins, or NaN: non-finite or all-zero input
-                self._extra.zero_()
-                self._ready = True
-            else:  # see _collect_torch: size the buffer before counting (a sync)
-                bins = float(torch.maximum(self._nb, torch.div(top, self._width).ceil_()))
-                if math.isfinite(bins) and bins > self._capacity:
-                    self.grow(capacity_for(int(bins)))
+            torch.div(top, self._first_bins, out=self._width)
+            torch.div(top, self._width, out=self._nb)  # num_bins, or NaN: non-finite or all-zero input
+            self._extra.zero_()
+            self._ready = True
+        elif self._sizing:
+            self._make_room(lambda: torch.maximum(
+                self._nb, torch.div(torch.linalg.vector_norm(x, float("inf")).float(), self._width).ceil_()))
         flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
         if flat.dtype != torch.float32:
             flat = flat.float()  # the kernel reads float32; the torch ops count in float32 too
@@ -537,13 +570,7 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
             torch.maximum(nb, torch.div(top, width).ceil_(), out=nb)
             limit = nb - 0.5
             if self._sizing:
-                # The first batch (or no session at all): size the buffer before counting, at
-                # the price of a sync. Some ranges grow tenfold within one batch (a residual
-                # add quantizes a small conv output, then the large identity), and after the
-                # first batch they rarely double; a batch that does is redone by the session.
-                bins = float(nb)
-                if math.isfinite(bins) and bins > self._capacity:
-                    self.grow(capacity_for(int(bins)))
+                self._make_room(lambda: nb)
         if t is not None:
             self._add(t.div_(width).clamp_(max=limit))
             return
@@ -695,10 +722,20 @@ class CollectSession:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        for entry in self.entries:
+        try:
+            rows = self.state.tolist()  # every calibrator's scalars in one read, not one each
+        except Exception:  # noqa: BLE001 - the device already failed: let each read report it
+            if exc_type is None:
+                raise
+            rows = None
+        for i, entry in enumerate(self.entries):
             fast = entry.calibrator
             try:
-                plain = fast.to_library()
+                if isinstance(fast, SyncFreeHistogramCalibrator):
+                    bound = rows is not None and fast._scalars is fast._slot
+                    plain = fast.to_library(rows[i] if bound else None)
+                else:
+                    plain = fast.to_library()
             except CalibrationError:
                 if exc_type is None:
                     raise
