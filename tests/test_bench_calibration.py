@@ -53,7 +53,10 @@ def test_measure_reports_every_phase_and_ratio(bench):
     for phase in ("floor", "ours", "reference"):
         assert r[phase]["batch_median_s"] > 0
     assert r["ours"]["amax_median_s"] > 0 and r["reference"]["amax_s"] > 0
-    assert set(r["ratios"]) >= {"P1", "P2", "P3", "P6", "P2_at_300_batches"}
+    assert set(r["ratios"]) >= {"P1", "P1_side_by_side", "P2", "P3", "P6", "P2_at_300_batches"}
+    sbs = r["side_by_side"]
+    assert len(sbs["ratios"]) == len(sbs["floor_batch_s"]) == len(sbs["ours_batch_s"]) == 1  # --repeats 1
+    assert min(sbs["ratios"]) <= r["ratios"]["P1_side_by_side"] <= max(sbs["ratios"])
     assert r["ratios"]["P6"] is None  # no GPU memory figures on the CPU
     assert r["goals_met"]["P6"] is None and r["goals_met"]["P1"] in (True, False)
     # Same data, same calibration maths: every amax within one bin of the reference's.
@@ -68,7 +71,7 @@ def test_measure_reports_every_phase_and_ratio(bench):
     same_input = r["ours"]["same_input"]
     assert same_input["histogram_quantizers"] == 5 and same_input["amax_beyond_one_bin"] == 0
     assert same_input["max_quantizers_equal"] == same_input["max_quantizers"] == 5
-    for text in ("floor (FP32 forward)", "ours collect + amax", "reference loop", "P1 =", "P6 =",
+    for text in ("floor (FP32 forward)", "ours collect + amax", "reference loop", "P1 =", "P6 =", "P1 side by side",
                  "10 distinct (5 histogram, 5 max), 2 disabled"):
         assert text in r["table"], text
 
