@@ -397,8 +397,6 @@ def side_by_side(build: Builder, ours_model: torch.nn.Module, batches: list, dev
             floor_s.append(timed(device, lambda: [run_features(b) for b in resident])[0] / n)
         fresh_calibrators(ours_model)
         ours_s.append(timed(device, lambda: fresh_collect(ours_model, batches))[0] / n)
-    del floor_model, run_features, resident
-    free(device)
     per_round = [o / f for o, f in zip(ours_s, floor_s)]
     return {"floor_batch_s": floor_s, "ours_batch_s": ours_s, "ratios": per_round,
             "P1": statistics.median(per_round)}
@@ -900,6 +898,7 @@ def measure(build: Builder, batches: list, device: torch.device, a: argparse.Nam
     r["ours"] = ours
     save(r)
     r["side_by_side"] = side_by_side(build, ours_model, batches, device, a)
+    free(device)  # the floor model and its resident batches went with side_by_side's frame
     save(r)
     ours_model.cpu()
     free(device)
