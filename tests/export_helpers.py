@@ -47,11 +47,20 @@ def calibrated_tiny(num_batches: int = 2, method: str = "max") -> tuple[Any, nn.
     return cfg, model, batches
 
 
-def session(path: Path, **options: Any) -> ort.InferenceSession:
-    """A CPU session, one thread (the machine is shared), full graph optimization."""
+def session(path: Path, *, float_qdq: bool = False, **options: Any) -> ort.InferenceSession:
+    """A CPU session, one thread (the machine is shared), full graph optimization.
+
+    ``float_qdq`` keeps every QuantizeLinear/DequantizeLinear pair as its own float op
+    instead of fusing it into ONNX Runtime's INT8 kernels. Those kernels multiply uint8 by
+    int8 with a 16-bit intermediate on x86 CPUs without VNNI, which saturates (ONNX Runtime's
+    quantization guide warns of it); on such a CPU they move a convolution's output by tens
+    of quantization steps, a fault of that kernel that TensorRT does not share.
+    """
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
+    if float_qdq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     for key, value in options.items():
         setattr(so, key, value)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

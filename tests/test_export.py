@@ -135,23 +135,29 @@ def _pytorch_graphs(model):
     }
 
 
-# ONNX Runtime runs Q/DQ as real INT8 (int8 x int8 -> int32 accumulation, requantized at the
-# next quantizer), the fake-quant model in float32 on dequantized values. Both quantize with the
-# same scales and round-half-even, so they differ only where float32 rounding moves a value
-# across an INT8 rounding boundary (one step, amax/127) and where that propagates; a graph with
-# no Q/DQ differs by float32 reassociation alone.
+# ONNX Runtime runs each Q/DQ pair as float ops here (see ``session``), the fake-quant model
+# quantizes in PyTorch. Both use the same scales and round half to even, so they differ only
+# where float32 reassociation moves a value across an INT8 rounding boundary (one step,
+# amax/127) and where that propagates (measured: backbone rel-L2 1.1e-2, fuser under 1e-3); a
+# graph with no Q/DQ differs by float32 reassociation alone.
 TOLERANCE = {  # (min cosine, max relative L2)
-    BACKBONE: (0.999, 0.05),
-    FUSER: (0.999, 0.05),
+    BACKBONE: (0.9995, 0.03),
+    FUSER: (0.9995, 0.03),
     VTRANSFORM: (0.99999, 1e-4),
     HEAD: (0.99999, 1e-4),
 }
 
 
 def test_onnx_runtime_matches_pytorch_fake_quant(exported):
+    """Every graph, as ONNX Runtime runs it, against the PyTorch module it was traced from.
+
+    Q/DQ run as float ops here (see ``session``): the comparison is of the graph, on any CPU.
+    The INT8-kernel session must still run the same files to a close answer.
+    """
     _, model, batches, folder, _ = exported
     graphs = _pytorch_graphs(model)
-    sessions = {name: session(folder / name) for name in graphs}
+    sessions = {name: session(folder / name, float_qdq=True) for name in graphs}
+    fused = session(folder / BACKBONE)
     with torch_threads(1), torch.no_grad():
         for index, batch in enumerate(batches):
             x = sample_inputs(model, batch)
@@ -165,11 +171,35 @@ def test_onnx_runtime_matches_pytorch_fake_quant(exported):
                 expected = graph(*feeds[name].values())
                 expected = (expected,) if isinstance(expected, torch.Tensor) else expected
                 got = run(sessions[name], **feeds[name])
+                if name == HEAD:
+                    expected = _in_runtime_order(got, dict(zip(graph.output_names, expected)))
                 for out_name, want in zip(graph.output_names, expected):
                     cos, rel = compare_tensors(got[out_name], want.float())
                     print(f"batch {index} {name} {out_name}: cosine {cos:.6f} rel-L2 {rel:.2e}")
                     min_cos, max_rel = TOLERANCE[name]
                     assert cos >= min_cos and rel <= max_rel, (name, out_name, cos, rel)
+            int8 = run(fused, **feeds[BACKBONE])
+            want = graphs[BACKBONE](*feeds[BACKBONE].values())[0].float()
+            cos, _ = compare_tensors(int8["camera_feature"], want)
+            print(f"batch {index} {BACKBONE} camera_feature, INT8 kernels: cosine {cos:.6f}")
+            assert cos >= 0.99
+
+
+def _in_runtime_order(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The head's per-proposal outputs of PyTorch, put in the order ONNX Runtime returned them.
+
+    The head keeps its top-k heatmap peaks in score order. Peaks whose heatmap scores tie to
+    within float32 noise (random weights make many: about 1e-6 apart, while the two runtimes
+    differ by about 3e-7) can come out in another order. Each runtime proposal is matched to
+    the PyTorch proposal with the nearest output vector; the match must be one-to-one, and the
+    caller's tolerance then holds for every matched pair.
+    """
+    def per_proposal(outputs: dict[str, torch.Tensor]) -> torch.Tensor:  # [proposals, all channels]
+        return torch.cat([outputs[name][0].float() for name in OUTPUTS], dim=0).T
+
+    order = torch.cdist(per_proposal(got).double(), per_proposal(expected).double()).argmin(dim=1)
+    assert sorted(order.tolist()) == list(range(len(order))), "the runtimes' proposals do not match one-to-one"
+    return [value[..., order] for value in expected.values()]
 
 
 def _as_opset17_layernorm(graph: onnx.ModelProto) -> onnx.ModelProto:
