@@ -373,6 +373,41 @@ def ablation(model: torch.nn.Module, batches: list, device: torch.device, a: arg
     return {"quantizers_off_batch_s": off, "collect_no_count_batch_s": without}
 
 
+#: Parts of BEVFusion timed on their own by :func:`region_times` (those a model lacks are skipped).
+REGIONS = ("encoders.camera.backbone", "encoders.camera.neck", "encoders.camera.vtransform",
+           "encoders.lidar", "fuser", "decoder")
+
+
+def region_times(model: torch.nn.Module, run: Callable[[], Any], device: torch.device, skip: int) -> dict[str, float]:
+    """Milliseconds per call of each region of ``model`` while ``run()`` runs, synchronised
+    before and after every region (so each is its own cost, without overlap with the next):
+    the median over the calls after the first ``skip`` (a first batch's one-time work)."""
+    times: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+    hooks = []
+    for name in REGIONS:
+        try:
+            part = model.get_submodule(name)
+        except AttributeError:
+            continue
+
+        def before(_m: Any, _a: Any, name: str = name) -> None:
+            sync(device)
+            started[name] = time.perf_counter()
+
+        def after(_m: Any, _a: Any, _o: Any, name: str = name) -> None:
+            sync(device)
+            times.setdefault(name, []).append(1000 * (time.perf_counter() - started[name]))
+
+        hooks += [part.register_forward_pre_hook(before), part.register_forward_hook(after)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: round(statistics.median(v[skip:] or v), 3) for name, v in times.items()}
+
+
 def side_by_side(build: Builder, ours_model: torch.nn.Module, batches: list, device: torch.device,
                  a: argparse.Namespace) -> dict[str, Any]:
     """P1 from alternating rounds: the floor's forward over the batches, then our collect over
@@ -398,8 +433,21 @@ def side_by_side(build: Builder, ours_model: torch.nn.Module, batches: list, dev
         fresh_calibrators(ours_model)
         ours_s.append(timed(device, lambda: fresh_collect(ours_model, batches))[0] / n)
     per_round = [o / f for o, f in zip(ours_s, floor_s)]
+    # Where ours' time over the floor goes, region by region (batches on the device for both).
+    from bevfusion_ptq.quant import histogram as hist
+
+    with torch.no_grad(), calibration_backends(device, benchmark=True):
+        floor_regions = region_times(floor_model, lambda: [run_features(b) for b in resident], device, 1)
+    ours_regions = region_times(ours_model, lambda: fresh_collect(ours_model, resident), device, 1)
+    launch = hist._launch_count
+    hist._launch_count = lambda *args: None  # the CUDA kernel's launch only (the torch-op path keeps counting)
+    try:
+        uncounted = region_times(ours_model, lambda: fresh_collect(ours_model, resident), device, 1)
+    finally:
+        hist._launch_count = launch
     return {"floor_batch_s": floor_s, "ours_batch_s": ours_s, "ratios": per_round,
-            "P1": statistics.median(per_round)}
+            "P1": statistics.median(per_round),
+            "regions_ms": {"floor": floor_regions, "ours": ours_regions, "ours_without_counting_kernel": uncounted}}
 
 
 def reference_collect(model: torch.nn.Module, batches: list, device: torch.device) -> None:
@@ -825,6 +873,13 @@ def table(r: dict) -> str:
     if sbs:
         lines.append(f"P1 side by side ({len(sbs['ratios'])} alternating rounds of floor and ours, median of the "
                      f"per-round ratios) = {sbs['P1']:.3f} (rounds {min(sbs['ratios']):.3f} to {max(sbs['ratios']):.3f})")
+        regions = sbs["regions_ms"]
+        if regions["floor"]:
+            lines.append("  per region, ms per batch after the first (synchronised around each region): "
+                         "floor / ours / ours without the counting kernel")
+            for name, ms in regions["floor"].items():
+                lines.append(f"    {name:28s} {ms:8.2f} {regions['ours'].get(name, float('nan')):8.2f} "
+                             f"{regions['ours_without_counting_kernel'].get(name, float('nan')):8.2f}")
     ab = o.get("ablation")
     if ab:
         lines.append(

@@ -57,6 +57,10 @@ def test_measure_reports_every_phase_and_ratio(bench):
     sbs = r["side_by_side"]
     assert len(sbs["ratios"]) == len(sbs["floor_batch_s"]) == len(sbs["ours_batch_s"]) == 1  # --repeats 1
     assert min(sbs["ratios"]) <= r["ratios"]["P1_side_by_side"] <= max(sbs["ratios"])
+    # The small net has one of BEVFusion's regions (fuser); each variant timed it.
+    assert {k: set(v) for k, v in sbs["regions_ms"].items()} == {
+        "floor": {"fuser"}, "ours": {"fuser"}, "ours_without_counting_kernel": {"fuser"}}
+    assert all(v["fuser"] > 0 for v in sbs["regions_ms"].values())
     assert r["ratios"]["P6"] is None  # no GPU memory figures on the CPU
     assert r["goals_met"]["P6"] is None and r["goals_met"]["P1"] in (True, False)
     # Same data, same calibration maths: every amax within one bin of the reference's.
@@ -71,7 +75,7 @@ def test_measure_reports_every_phase_and_ratio(bench):
     same_input = r["ours"]["same_input"]
     assert same_input["histogram_quantizers"] == 5 and same_input["amax_beyond_one_bin"] == 0
     assert same_input["max_quantizers_equal"] == same_input["max_quantizers"] == 5
-    for text in ("floor (FP32 forward)", "ours collect + amax", "reference loop", "P1 =", "P6 =", "P1 side by side",
+    for text in ("floor (FP32 forward)", "ours collect + amax", "reference loop", "P1 =", "P6 =", "P1 side by side", "per region",
                  "10 distinct (5 histogram, 5 max), 2 disabled"):
         assert text in r["table"], text
 
