@@ -418,6 +418,7 @@ def side_by_side(build: Builder, ours_model: torch.nn.Module, batches: list, dev
     measurements taken seconds apart drifts much less.
     """
     from bevfusion_ptq.data.batch import move_batch
+    from bevfusion_ptq.quant import histogram as hist
 
     floor_model = build(False).to(device)
     run_features = features(floor_model)
@@ -430,12 +431,9 @@ def side_by_side(build: Builder, ours_model: torch.nn.Module, batches: list, dev
     for _ in range(a.repeats):
         with torch.no_grad(), calibration_backends(device, benchmark=True):
             floor_s.append(timed(device, lambda: [run_features(b) for b in resident])[0] / n)
-        fresh_calibrators(ours_model)
         ours_s.append(timed(device, lambda: fresh_collect(ours_model, batches))[0] / n)
     per_round = [o / f for o, f in zip(ours_s, floor_s)]
     # Where ours' time over the floor goes, region by region (batches on the device for both).
-    from bevfusion_ptq.quant import histogram as hist
-
     with torch.no_grad(), calibration_backends(device, benchmark=True):
         floor_regions = region_times(floor_model, lambda: [run_features(b) for b in resident], device, 1)
     ours_regions = region_times(ours_model, lambda: fresh_collect(ours_model, resident), device, 1)
