@@ -111,8 +111,8 @@ DEFAULT_BINS = 2048
 #: Growth of a histogram's range that its buffer holds, within a collect session, from its
 #: second call in its first batch on, without a sync. On bevfusion-r50 (the benchmark's random
 #: weights and batches) the largest is 42-fold, a lidar residual add; 24 quantizers are called
-#: twice per batch. 1 MiB per such histogram; one that grows further costs that batch again
-#: (see CollectSession).
+#: more than once per batch. 1 MiB per such histogram; one that grows further costs that batch
+#: again (see CollectSession).
 FIRST_BATCH_GROWTH = 64
 
 #: Device scalars per calibrator: [bin width, nb, running max of |x| / width, non-finite seen,
