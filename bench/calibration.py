@@ -341,6 +341,20 @@ def per_batch_after_first(device: torch.device, batches: list, a: argparse.Names
     return (twice - once) / len(batches)
 
 
+@contextlib.contextmanager
+def without_counting_kernel() -> Iterator[None]:
+    """Our collect with the CUDA counting launch replaced by nothing: its host path and
+    session stay, the kernel's GPU time goes (the torch-op path, on the CPU, still counts)."""
+    from bevfusion_ptq.quant import histogram as hist
+
+    launch = hist._launch_count
+    hist._launch_count = lambda *args: None
+    try:
+        yield
+    finally:
+        hist._launch_count = launch
+
+
 def ablation(model: torch.nn.Module, batches: list, device: torch.device, a: argparse.Namespace) -> dict[str, float]:
     """Where ours' time over the floor goes, per batch after the first (:func:`per_batch_after_first`):
 
@@ -350,7 +364,6 @@ def ablation(model: torch.nn.Module, batches: list, device: torch.device, a: arg
       host path of every quantizer call and the session, without the kernel's GPU time;
     * ours itself is ``steady_batch_s``.
     """
-    from bevfusion_ptq.quant import histogram as hist
     from bevfusion_ptq.quant.calibrate import default_forward
     from bevfusion_ptq.quant.compat import iter_quantizers
 
@@ -364,12 +377,8 @@ def ablation(model: torch.nn.Module, batches: list, device: torch.device, a: arg
     finally:
         for q, was in zip(quantizers, saved):
             q._disabled = was
-    launch = hist._launch_count
-    hist._launch_count = lambda *args: None
-    try:
+    with without_counting_kernel():
         without = per_batch_after_first(device, batches, a, lambda bs: fresh_collect(model, bs))
-    finally:
-        hist._launch_count = launch
     return {"quantizers_off_batch_s": off, "collect_no_count_batch_s": without}
 
 
@@ -418,7 +427,6 @@ def side_by_side(build: Builder, ours_model: torch.nn.Module, batches: list, dev
     measurements taken seconds apart drifts much less.
     """
     from bevfusion_ptq.data.batch import move_batch
-    from bevfusion_ptq.quant import histogram as hist
 
     floor_model = build(False).to(device)
     run_features = features(floor_model)
@@ -437,12 +445,8 @@ def side_by_side(build: Builder, ours_model: torch.nn.Module, batches: list, dev
     with torch.no_grad(), calibration_backends(device, benchmark=True):
         floor_regions = region_times(floor_model, lambda: [run_features(b) for b in resident], device, 1)
     ours_regions = region_times(ours_model, lambda: fresh_collect(ours_model, resident), device, 1)
-    launch = hist._launch_count
-    hist._launch_count = lambda *args: None  # the CUDA kernel's launch only (the torch-op path keeps counting)
-    try:
+    with without_counting_kernel():
         uncounted = region_times(ours_model, lambda: fresh_collect(ours_model, resident), device, 1)
-    finally:
-        hist._launch_count = launch
     return {"floor_batch_s": floor_s, "ours_batch_s": ours_s, "ratios": per_round,
             "P1": statistics.median(per_round),
             "regions_ms": {"floor": floor_regions, "ours": ours_regions, "ours_without_counting_kernel": uncounted}}
