@@ -10,6 +10,7 @@ library calibrators.
 from __future__ import annotations
 
 import copy
+import logging
 import pickle
 from pathlib import Path
 
@@ -239,6 +240,18 @@ def test_collect_hands_back_library_calibrators_within_one_bin_of_the_library():
             assert torch.equal(q._calibrator._calib_amax, lib_q[name]._calibrator._calib_amax), name
 
 
+def test_collect_switches_quantizers_without_a_log_record_each(caplog: pytest.LogCaptureFixture):
+    """TensorQuantizer's enable/disable methods log once per call through absl (a warning for
+    each disable_calib): hundreds of lines per calibration from a plain script, and host time
+    on every collect. collect sets the flags itself and leaves every quantizer quantizing."""
+    model = small_model()
+    with caplog.at_level(logging.DEBUG, logger="absl"):
+        collect(model, [scaled(0, 1.0)], 1, forward=lambda m, b: m(b))
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
+    calibrated = [q for _, q in iter_quantizers(model) if q._calibrator is not None]
+    assert calibrated and all(q._if_quant and not q._if_calib for q in calibrated)
+
+
 def test_batch_that_outgrows_a_buffer_is_redone_exactly():
     batches = [scaled(0, 1.0), scaled(1, 60.0), scaled(2, 1.0)]  # batch 1: ranges grow ~60x
     calls = []
@@ -325,8 +338,11 @@ def test_kernel_path_is_for_cuda_only(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.gpu
-def test_cuda_kernels_count_exactly_like_the_torch_ops(monkeypatch: pytest.MonkeyPatch):
-    """count_bins.cu (compiled by NVRTC) against the torch-op path, on the same CUDA tensors."""
+@pytest.mark.parametrize("num_bins", [2048, 1000])
+def test_cuda_kernels_count_exactly_like_the_torch_ops(monkeypatch: pytest.MonkeyPatch, num_bins: int):
+    """count_bins.cu (compiled by NVRTC) against the torch-op path, on the same CUDA tensors:
+    the first range (``first_range``, also for a bin count that is not a power of two, whose
+    reciprocal rounds) and every count after it."""
     from bevfusion_ptq.quant import histogram as H
 
     device = torch.device("cuda")
@@ -335,22 +351,30 @@ def test_cuda_kernels_count_exactly_like_the_torch_ops(monkeypatch: pytest.Monke
     results = {}
     for backend in ("torch", "kernels"):
         monkeypatch.setenv(H.BACKEND_ENV, "torch" if backend == "torch" else "")
-        cal = SyncFreeHistogramCalibrator(8, None, False)
-        for x in data:
+        cal = SyncFreeHistogramCalibrator(8, None, False, num_bins=num_bins)
+        cal.collect(data[0])
+        first = cal._scalars[:2].tolist()
+        for x in data[1:]:
             cal.collect(x)
-        results[backend] = (cal._num_bins, cal._calib_hist.cpu(), cal._calib_bin_edges.cpu())
+        results[backend] = (cal._num_bins, cal._calib_hist.cpu(), cal._calib_bin_edges.cpu(), first)
+    assert results["kernels"][3] == results["torch"][3]
     assert results["kernels"][0] == results["torch"][0] > NEAR_BINS
     assert torch.equal(results["kernels"][1], results["torch"][1])
     assert torch.equal(results["kernels"][2], results["torch"][2])
-    lib = calib.HistogramCalibrator(8, None, False)
-    for x in data:
-        lib.collect(x)
-    assert_within_one_bin(results["kernels"][1], lib._calib_hist.cpu())
+    if num_bins == H.DEFAULT_BINS:  # the library's own histogram, as the CPU tests compare it
+        lib = calib.HistogramCalibrator(8, None, False)
+        for x in data:
+            lib.collect(x)
+        assert_within_one_bin(results["kernels"][1], lib._calib_hist.cpu())
 
     bad = SyncFreeHistogramCalibrator(8, None, False)
     bad.collect(torch.tensor([1.0, 2.0], device=device))
     bad.collect(torch.tensor([1.0, float("nan")], device=device))
     assert torch.isnan(bad._nb)
+    for first_tensor in ([1.0, float("nan"), 3.0], [0.0, 0.0], [float("-inf"), 1.0]):  # no usable range
+        bad = SyncFreeHistogramCalibrator(8, None, False)
+        bad.collect(torch.tensor(first_tensor, device=device))
+        assert torch.isnan(bad._nb)
 
 
 class _TwiceQuantized(torch.nn.Module):

@@ -193,3 +193,57 @@ extern "C" __global__ void count_bins(const float* __restrict__ x, int n, float*
         *reinterpret_cast<unsigned int*>(state + 4) = 0u;
     }
 }
+
+// The first tensor of a histogram fixes its range: w = max|x| * inverse_bins, which is how
+// torch computes a device tensor divided by a host number (times the reciprocal), and
+// nb = max|x| / w, NaN when the max is zero or not finite, as those torch ops give it. The
+// same launch zeroes the count buffer. One launch instead of four torch ops and a fill: a
+// first batch of bevfusion-r50 starts 105 histograms, and the host's launch work is what
+// bounds it.
+// After fabsf every value, NaN included, has its sign bit clear, and such floats order as
+// their bit patterns do as ints, with NaN above inf: so the integer max of the bits is max|x|,
+// NaN whenever a NaN was seen, as torch's max gives it. Block b leaves its max in grid[b]
+// (the buffer has far more than gridDim.x bins); the last block (ticket in state[4]) reduces
+// those cells and then zeroes them.
+extern "C" __global__ void first_range(const float* __restrict__ x, int n, float* __restrict__ state,
+                                       float* __restrict__ grid, int capacity, float inverse_bins) {
+    __shared__ int warp_top[32];
+    __shared__ bool block_last;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (long long i = gridDim.x + first; i < capacity; i += stride) grid[i] = 0.0f;
+
+    int top = 0;
+    const int n4 = n >> 2;
+    const float4* x4 = reinterpret_cast<const float4*>(x);  // the caller passes an aligned x
+    for (long long i = first; i < n4; i += stride) {
+        const float4 v = x4[i];
+        top = max(top, max(max(__float_as_int(fabsf(v.x)), __float_as_int(fabsf(v.y))),
+                           max(__float_as_int(fabsf(v.z)), __float_as_int(fabsf(v.w)))));
+    }
+    if (blockIdx.x == 0 && threadIdx.x < (n & 3)) top = max(top, __float_as_int(fabsf(x[(n & ~3) + threadIdx.x])));
+    for (int offset = 16; offset > 0; offset >>= 1) top = max(top, __shfl_down_sync(0xffffffffu, top, offset));
+    if ((threadIdx.x & 31) == 0) warp_top[threadIdx.x >> 5] = top;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int m = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = max(m, warp_top[w]);
+        reinterpret_cast<int*>(grid)[blockIdx.x] = m;
+        __threadfence();  // the block's max is visible before its ticket
+        block_last = atomicAdd(reinterpret_cast<unsigned int*>(state + 4), 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (block_last && threadIdx.x == 0) {
+        __threadfence();
+        int m = 0;
+        for (unsigned int b = 0; b < gridDim.x; ++b) m = max(m, __ldcg(reinterpret_cast<const int*>(grid) + b));
+        for (unsigned int b = 0; b < gridDim.x; ++b) grid[b] = 0.0f;
+        const float top_value = __int_as_float(m);
+        const float width = __fmul_rn(top_value, inverse_bins);
+        state[0] = width;
+        state[1] = __fdiv_rn(top_value, width);
+        state[2] = 0.0f;
+        state[3] = 0.0f;
+        *reinterpret_cast<unsigned int*>(state + 4) = 0u;
+    }
+}

@@ -165,9 +165,11 @@ class _CountKernel:
             if DIVIDE_EVERY_VALUE:
                 options.append("-DDIVIDE_EVERY_VALUE")
             compiled = torch.cuda._compile_kernel(source, "count_bins", nvcc_options=options)
+            ranged = torch.cuda._compile_kernel(source, "first_range", nvcc_options=options)
             self.multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
         self._func = ctypes.c_void_p(compiled.func.value)
-        self._keep = compiled  # owns the loaded module
+        self._first_func = ctypes.c_void_p(ranged.func.value)
+        self._keep = (compiled, ranged)  # they own the loaded modules
         self._driver = ctypes.CDLL("libcuda.so.1")
         self._blocks: dict[tuple[int, int, int], tuple[Any, ...]] = {}
 
@@ -183,8 +185,32 @@ class _CountKernel:
             block = self._blocks[key] = (values, pointers)
         return block
 
+    def _grid_size(self, values: int) -> int:
+        return max(1, min(-(-values // COUNT_MIN_VALUES_PER_BLOCK), self.multiprocessors * COUNT_BLOCKS_PER_SM))
+
+    def first_range(self, flat: Tensor, state: Tensor, grid: Tensor, capacity: int, bins: int) -> None:
+        """Set a new histogram's width and nb from ``flat`` (at most 2**30 values) and zero
+        ``grid``: one launch of count_bins.cu's ``first_range``. Once per histogram and
+        collection, so its argument block is built per call."""
+        if torch.cuda.current_device() != self.index:
+            with torch.cuda.device(self.index):
+                return self.first_range(flat, state, grid, capacity, bins)
+        blocks = self._grid_size(flat.numel())
+        if flat.numel() > LAUNCH_ELEMENTS or blocks > capacity:
+            raise ValueError(f"first_range takes at most {LAUNCH_ELEMENTS} values and a buffer of {blocks}+ bins")
+        # As torch divides a device tensor by a host number: times the reciprocal, computed in
+        # double and rounded to float.
+        values = (ctypes.c_void_p(flat.data_ptr()), ctypes.c_int(flat.numel()), ctypes.c_void_p(state.data_ptr()),
+                  ctypes.c_void_p(grid.data_ptr()), ctypes.c_int(capacity), ctypes.c_float(1.0 / bins))
+        pointers = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
+        stream = ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(self.index))
+        status = self._driver.cuLaunchKernel(self._first_func, blocks, 1, 1, COUNT_THREADS, 1, 1, 0, stream,
+                                             pointers, None)
+        if status != 0:
+            raise RuntimeError(f"cuLaunchKernel(first_range) failed with CUDA error {status}")
+
     def __call__(self, flat: Tensor, state: Tensor, grid: Tensor, capacity: int) -> None:
-        """Count a flat float32 tensor into ``grid`` and update ``state``: one launch per 2**30 values."""
+        """Count a contiguous float32 tensor (as flat memory) into ``grid`` and update ``state``: one launch per 2**30 values."""
         if torch.cuda.current_device() != self.index:
             with torch.cuda.device(self.index):  # the kernel belongs to its GPU's context
                 return self(flat, state, grid, capacity)
@@ -197,7 +223,7 @@ class _CountKernel:
             x.value = flat.data_ptr() + 4 * start
             n.value = size
             last.value = int(start + size == total)
-            blocks = max(1, min(-(-size // COUNT_MIN_VALUES_PER_BLOCK), self.multiprocessors * COUNT_BLOCKS_PER_SM))
+            blocks = self._grid_size(size)
             status = self._driver.cuLaunchKernel(self._func, blocks, 1, 1, COUNT_THREADS, 1, 1, 0, stream,
                                                  pointers, None)
             if status != 0:
@@ -212,11 +238,16 @@ def _kernel_key(index: int) -> tuple[int, ...]:
 
 
 def _launch_count(flat: Tensor, state: Tensor, grid: Tensor, capacity: int) -> None:
-    """Count a flat float32 CUDA tensor into ``grid``; update ``state`` (see count_bins.cu)."""
+    """Count a contiguous float32 CUDA tensor into ``grid``; update ``state`` (see count_bins.cu)."""
     if flat.data_ptr() % 16:
         flat = flat.clone()  # the kernel reads 16 bytes at a time; a fresh tensor is aligned
-    index = flat.device.index if flat.device.index is not None else torch.cuda.current_device()
-    _KERNELS[_kernel_key(index)](flat, state, grid, capacity)
+    _KERNELS[_kernel_key(flat.get_device())](flat, state, grid, capacity)
+
+
+def _launch_first_range(flat: Tensor, state: Tensor, grid: Tensor, capacity: int, bins: int) -> None:
+    """Set a new histogram's width and nb from an aligned contiguous float32 CUDA tensor of at most
+    2**30 values, and zero ``grid`` (see count_bins.cu's ``first_range``)."""
+    _KERNELS[_kernel_key(flat.get_device())].first_range(flat, state, grid, capacity, bins)
 
 
 def _kernels_work(device: torch.device) -> bool:
@@ -252,6 +283,19 @@ def _kernels_work(device: torch.device) -> bool:
         _launch_count(many.to(device), state, grid, NEAR_BINS)
         expected = torch.bincount(many.long(), minlength=NEAR_BINS).float()
         ok = ok and torch.equal(grid.cpu(), expected) and state.cpu().tolist() == [1.0, 5100.0, 5099.25, 0.0, 0.0]
+        # A first range over the same blocks, its max in the tail, 1000 bins (not a power of
+        # two): the torch ops' width and nb, a zeroed buffer; and NaN stays NaN.
+        many[-1] = 9000.5
+        values, top = many.to(device), torch.tensor(9000.5, device=device)
+        width = torch.div(top, 1000)
+        state = torch.tensor([0.0, 0.0, 7.0, 1.0, 0.0], device=device)
+        grid = torch.ones(NEAR_BINS, device=device)
+        _launch_first_range(values, state, grid, NEAR_BINS, 1000)
+        ok = ok and not grid.any().item() and torch.equal(
+            state, torch.stack([width, torch.div(top, width), *torch.zeros(3, device=device)]))
+        values[5] = float("nan")
+        _launch_first_range(values, state, grid, NEAR_BINS, 1000)
+        ok = ok and bool(state[:2].isnan().all().item())
         if not ok:
             log.warning("the CUDA histogram kernels gave wrong counts on this GPU; using torch ops")
     except Exception as exc:  # noqa: BLE001 - any failure means: use the torch ops
@@ -446,9 +490,12 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
         self._ready = True
         self._sizing = True
 
-    def _allocate(self, device: torch.device, capacity: int) -> None:
+    def _allocate(self, device: torch.device, capacity: int, zeroed: bool = True) -> None:
+        """A count buffer of ``capacity`` bins (left unset when ``zeroed`` is False: the
+        CUDA kernel's first range zeroes it in the same launch) and the scalars' row."""
         self._capacity = capacity
-        self._grid = torch.zeros(capacity, dtype=torch.float32, device=device)
+        make = torch.zeros if zeroed else torch.empty
+        self._grid = make(capacity, dtype=torch.float32, device=device)
         if self._slot is not None and self._slot.device == device:
             self._bind(self._slot)
         else:
@@ -512,9 +559,10 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
         if not self._on_device:
             self._adopt_library_form(x.device)
         self._lib_valid = False
-        if not self._ready:
-            self._allocate(x.device, max(capacity_for(self._first_bins), self._min_capacity))
-        if (self.session.use_kernels if self.session is not None else kernels_available(x.device)):
+        kernels = self.session.use_kernels if self.session is not None else kernels_available(x.device)
+        if not self._ready:  # the kernel's first range zeroes the buffer itself
+            self._allocate(x.device, max(capacity_for(self._first_bins), self._min_capacity), zeroed=not kernels)
+        if kernels:
             self._collect_kernels(x)
         else:
             self._collect_torch(x)
@@ -534,19 +582,26 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
             self.grow(capacity_for(int(needed)))
 
     def _collect_kernels(self, x: Tensor) -> None:
-        """One launch of count_bins.cu: it reads ``x`` once, counts it, then updates nb and folds the top edge."""
+        """One launch of count_bins.cu: it reads ``x`` once, counts it, then updates nb and
+        folds the top edge. A first call launches ``first_range`` before it."""
+        flat = x if x.is_contiguous() else x.contiguous()  # the kernels read it as flat memory
+        if flat.dtype != torch.float32:
+            flat = flat.float()  # the kernels read float32; the torch ops count in float32 too
+        if flat.data_ptr() % 16:
+            flat = flat.clone()  # the kernels read 16 bytes at a time; a fresh tensor is aligned
         if not self._ready:
-            top = torch.linalg.vector_norm(x, float("inf")).float()  # max |x|, no temporary
-            torch.div(top, self._first_bins, out=self._width)
-            torch.div(top, self._width, out=self._nb)  # num_bins, or NaN: non-finite or all-zero input
-            self._extra.zero_()
+            if flat.numel() <= LAUNCH_ELEMENTS:
+                _launch_first_range(flat, self._scalars, self._grid, self._capacity, self._first_bins)
+            else:  # more than one launch's worth: the same range from torch ops
+                top = torch.linalg.vector_norm(flat, float("inf"))  # max |x|, no temporary
+                torch.div(top, self._first_bins, out=self._width)
+                torch.div(top, self._width, out=self._nb)  # num_bins, or NaN: non-finite or all-zero input
+                self._extra.zero_()
+                self._grid.zero_()
             self._ready = True
         elif self._sizing:
             self._make_room(lambda: torch.maximum(
-                self._nb, torch.div(torch.linalg.vector_norm(x, float("inf")).float(), self._width).ceil_()))
-        flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
-        if flat.dtype != torch.float32:
-            flat = flat.float()  # the kernel reads float32; the torch ops count in float32 too
+                self._nb, torch.div(torch.linalg.vector_norm(flat, float("inf")), self._width).ceil_()))
         _launch_count(flat, self._scalars, self._grid, self._capacity)
 
     def _collect_torch(self, x: Tensor) -> None:
@@ -643,9 +698,7 @@ class SyncFreeMaxCalibrator(calib.MaxCalibrator):
         key = (x._version, x.data_ptr())
         if self._seen is not None and self._seen[0]() is x and self._seen[1] == key and self._calib_amax is not None:
             return
-        axis = self._axis if isinstance(self._axis, (list, tuple)) else [self._axis]
-        reduce_axis = [i for i in range(x.dim()) if i not in axis]
-        local = quant_utils.reduce_amax(x, axis=reduce_axis).detach()
+        local = self._reduce(x)
         if self._calib_amax is None:
             self._calib_amax = local
         else:
@@ -653,8 +706,28 @@ class SyncFreeMaxCalibrator(calib.MaxCalibrator):
                 raise RuntimeError("amax shape changed!")
             self._calib_amax.copy_(torch.max(self._calib_amax, local).data)
         self._seen = (weakref.ref(x), key)
-        if self._slot is not None and self._slot.device == self._calib_amax.device:
-            self._slot[0] = self._calib_amax.max()
+        slot = self._slot
+        if slot is not None and slot.device == self._calib_amax.device:
+            if self._calib_amax.dtype == slot.dtype:
+                torch.linalg.vector_norm(self._calib_amax, float("inf"), out=slot[0])  # one launch: max of |amax|
+            else:
+                slot[0] = self._calib_amax.max()
+
+    def _reduce(self, x: Tensor) -> Tensor:
+        """pytorch-quantization's ``reduce_amax`` of ``x`` over every dim but ``axis``, in one launch.
+
+        The library takes ``abs`` and then one ``max`` per reduced dim (four launches for a
+        conv weight); a first batch reduces 99 weights. The max of ``|x|`` over all of them at
+        once is the same value, NaN included, and the shape is the library's: reduced dims
+        kept as 1, a single value squeezed to a scalar.
+        """
+        axis = self._axis if isinstance(self._axis, (list, tuple)) else [self._axis]
+        reduce_axis = [i for i in range(x.dim()) if i not in axis]
+        if not reduce_axis or not x.is_floating_point():
+            return quant_utils.reduce_amax(x, axis=reduce_axis).detach()
+        with torch.no_grad():
+            local = torch.linalg.vector_norm(x, float("inf"), dim=reduce_axis, keepdim=True)
+        return local.squeeze() if local.numel() == 1 else local
 
 
 SyncFree = (SyncFreeHistogramCalibrator, SyncFreeMaxCalibrator)
