@@ -383,8 +383,10 @@ def ablation(model: torch.nn.Module, batches: list, device: torch.device, a: arg
 
 
 #: Parts of BEVFusion timed on their own by :func:`region_times` (those a model lacks are skipped).
+#: Each is a module that BEVFusion's forward calls itself: a container it only indexes
+#: (``encoders.lidar``, ``decoder``) runs no hooks.
 REGIONS = ("encoders.camera.backbone", "encoders.camera.neck", "encoders.camera.vtransform",
-           "encoders.lidar", "fuser", "decoder")
+           "encoders.lidar.voxelize", "encoders.lidar.backbone", "fuser", "decoder.backbone", "decoder.neck")
 
 
 def region_times(model: torch.nn.Module, run: Callable[[], Any], device: torch.device, skip: int) -> dict[str, float]:

@@ -42,8 +42,11 @@ How, with no per-call sync:
   lying exactly on the new top edge to bin ``nb - 1``. On an H200, counting one R50 batch
   (135 tensors, 1.22 billion values) takes 2.8 ms this way (5.0 ms dividing every value),
   against 78 ms in ``torch.histc`` and 59 ms in Triton's ``tl.histogram``
-  (``bench/histogram_kernels.py``). The kernel is checked on
-  known cases at first use; a failure logs a warning and selects the torch ops.
+  (``bench/histogram_kernels.py``). A histogram's first call launches ``first_range``
+  before that: it sets the width and ``nb`` from the tensor's max, with the torch ops'
+  arithmetic, and zeroes the buffer, in one launch where four torch ops and a fill were
+  (a first batch starts 105 histograms). The kernels are checked on known cases at first
+  use; a failure logs a warning and selects the torch ops.
 * Elsewhere (CPU, or ``BEVFUSION_PTQ_HISTOGRAM=torch``) the same bins come from torch ops:
   ``abs``, one division, ``amax``, a clamp to ``nb - 0.5`` and ``histc(t, C, 0, C)``. ``C``
   is a power of two, so ``histc``'s own arithmetic leaves ``floor(t)`` unchanged. ``histc``
