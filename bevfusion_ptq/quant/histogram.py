@@ -191,13 +191,22 @@ class _CountKernel:
     def _grid_size(self, values: int) -> int:
         return max(1, min(-(-values // COUNT_MIN_VALUES_PER_BLOCK), self.multiprocessors * COUNT_BLOCKS_PER_SM))
 
+    def _launch(self, func: ctypes.c_void_p, values: int, pointers: Any, name: str) -> None:
+        """One launch of ``func`` over ``values`` values on the current stream of this GPU."""
+        if torch.cuda.current_device() != self.index:
+            with torch.cuda.device(self.index):  # the kernel belongs to its GPU's context
+                return self._launch(func, values, pointers, name)
+        blocks = self._grid_size(values)
+        # The raw handle of the current stream: no Python Stream object per launch.
+        stream = ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(self.index))
+        status = self._driver.cuLaunchKernel(func, blocks, 1, 1, COUNT_THREADS, 1, 1, 0, stream, pointers, None)
+        if status != 0:
+            raise RuntimeError(f"cuLaunchKernel({name}) failed with CUDA error {status}")
+
     def first_range(self, flat: Tensor, state: Tensor, grid: Tensor, capacity: int, bins: int) -> None:
         """Set a new histogram's width and nb from ``flat`` (at most 2**30 values) and zero
         ``grid``: one launch of count_bins.cu's ``first_range``. Once per histogram and
         collection, so its argument block is built per call."""
-        if torch.cuda.current_device() != self.index:
-            with torch.cuda.device(self.index):
-                return self.first_range(flat, state, grid, capacity, bins)
         blocks = self._grid_size(flat.numel())
         if flat.numel() > LAUNCH_ELEMENTS or blocks > capacity:
             raise ValueError(f"first_range takes at most {LAUNCH_ELEMENTS} values and a buffer of {blocks}+ bins")
@@ -206,31 +215,18 @@ class _CountKernel:
         values = (ctypes.c_void_p(flat.data_ptr()), ctypes.c_int(flat.numel()), ctypes.c_void_p(state.data_ptr()),
                   ctypes.c_void_p(grid.data_ptr()), ctypes.c_int(capacity), ctypes.c_float(1.0 / bins))
         pointers = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
-        stream = ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(self.index))
-        status = self._driver.cuLaunchKernel(self._first_func, blocks, 1, 1, COUNT_THREADS, 1, 1, 0, stream,
-                                             pointers, None)
-        if status != 0:
-            raise RuntimeError(f"cuLaunchKernel(first_range) failed with CUDA error {status}")
+        self._launch(self._first_func, flat.numel(), pointers, "first_range")
 
     def __call__(self, flat: Tensor, state: Tensor, grid: Tensor, capacity: int) -> None:
         """Count a contiguous float32 tensor (as flat memory) into ``grid`` and update ``state``: one launch per 2**30 values."""
-        if torch.cuda.current_device() != self.index:
-            with torch.cuda.device(self.index):  # the kernel belongs to its GPU's context
-                return self(flat, state, grid, capacity)
         (x, n, _, _, _, last), pointers = self._block(state, grid, capacity)
-        # The raw handle of the current stream: no Python Stream object per launch.
-        stream = ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(self.index))
         total = flat.numel()
         for start in range(0, total, LAUNCH_ELEMENTS):
             size = min(LAUNCH_ELEMENTS, total - start)
             x.value = flat.data_ptr() + 4 * start
             n.value = size
             last.value = int(start + size == total)
-            blocks = self._grid_size(size)
-            status = self._driver.cuLaunchKernel(self._func, blocks, 1, 1, COUNT_THREADS, 1, 1, 0, stream,
-                                                 pointers, None)
-            if status != 0:
-                raise RuntimeError(f"cuLaunchKernel(count_bins) failed with CUDA error {status}")
+            self._launch(self._func, size, pointers, "count_bins")
 
 
 _KERNELS: dict[tuple[int, ...], _CountKernel | None] = {}
@@ -240,17 +236,21 @@ def _kernel_key(index: int) -> tuple[int, ...]:
     return (index, LOCAL_BINS, LOCAL_COPIES, LOADS_PER_STEP, int(DIVIDE_EVERY_VALUE))
 
 
+def _aligned(flat: Tensor) -> Tensor:
+    """``flat`` itself, or a copy when it does not start on 16 bytes: the kernels read 16 bytes
+    at a time, and a fresh tensor is aligned."""
+    return flat.clone() if flat.data_ptr() % 16 else flat
+
+
 def _launch_count(flat: Tensor, state: Tensor, grid: Tensor, capacity: int) -> None:
     """Count a contiguous float32 CUDA tensor into ``grid``; update ``state`` (see count_bins.cu)."""
-    if flat.data_ptr() % 16:
-        flat = flat.clone()  # the kernel reads 16 bytes at a time; a fresh tensor is aligned
-    _KERNELS[_kernel_key(flat.get_device())](flat, state, grid, capacity)
+    _KERNELS[_kernel_key(flat.get_device())](_aligned(flat), state, grid, capacity)
 
 
 def _launch_first_range(flat: Tensor, state: Tensor, grid: Tensor, capacity: int, bins: int) -> None:
-    """Set a new histogram's width and nb from an aligned contiguous float32 CUDA tensor of at most
+    """Set a new histogram's width and nb from a contiguous float32 CUDA tensor of at most
     2**30 values, and zero ``grid`` (see count_bins.cu's ``first_range``)."""
-    _KERNELS[_kernel_key(flat.get_device())].first_range(flat, state, grid, capacity, bins)
+    _KERNELS[_kernel_key(flat.get_device())].first_range(_aligned(flat), state, grid, capacity, bins)
 
 
 def _kernels_work(device: torch.device) -> bool:
@@ -590,15 +590,11 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
         flat = x if x.is_contiguous() else x.contiguous()  # the kernels read it as flat memory
         if flat.dtype != torch.float32:
             flat = flat.float()  # the kernels read float32; the torch ops count in float32 too
-        if flat.data_ptr() % 16:
-            flat = flat.clone()  # the kernels read 16 bytes at a time; a fresh tensor is aligned
         if not self._ready:
             if flat.numel() <= LAUNCH_ELEMENTS:
                 _launch_first_range(flat, self._scalars, self._grid, self._capacity, self._first_bins)
             else:  # more than one launch's worth: the same range from torch ops
-                top = torch.linalg.vector_norm(flat, float("inf"))  # max |x|, no temporary
-                torch.div(top, self._first_bins, out=self._width)
-                torch.div(top, self._width, out=self._nb)  # num_bins, or NaN: non-finite or all-zero input
+                self._start_range(torch.linalg.vector_norm(flat, float("inf")))  # max |x|, no temporary
                 self._extra.zero_()
                 self._grid.zero_()
             self._ready = True
@@ -621,8 +617,7 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
                 t = t.float()
             top = torch.amax(t)
         if not self._ready:
-            torch.div(top, self._first_bins, out=width)
-            torch.div(top, width, out=nb)  # num_bins exactly, or NaN: non-finite (or all zero) input
+            self._start_range(top)
             limit: Tensor | float = self._first_bins - 0.5
             self._ready = True
         else:
@@ -638,6 +633,13 @@ class SyncFreeHistogramCalibrator(calib.HistogramCalibrator):
             if t.dtype != torch.float32:
                 t = t.float()
             self._add(t.div_(width).clamp_(max=limit))
+
+    def _start_range(self, top: Tensor) -> None:
+        """The first tensor's range from its max ``top``, with torch ops: the width is
+        ``top / first_bins`` and nb is ``top / width``, num_bins exactly, or NaN for a
+        non-finite or all-zero tensor (count_bins.cu's ``first_range`` computes the same)."""
+        torch.div(top, self._first_bins, out=self._width)
+        torch.div(top, self._width, out=self._nb)
 
     def _add(self, t: Tensor) -> None:
         """Count bin ``floor(t)`` of every value into the buffer: one or two ``histc``."""
